@@ -1,0 +1,205 @@
+"""What a fired timer does: the SQL lives here.
+
+A batch of firings is applied in one short transaction: lock the orders concerned, change
+those still in the action's starting status, and record one outcome per firing. A firing
+already recorded (its acknowledgement to Redis was lost and it came round again) is
+recognised by its (order_sn, action, due_at) and not applied twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from delayq.db import orders_table, outcomes
+from delayq.errors import InvalidInput
+from delayq.keys import parse_timer_key
+from delayq.settings import Settings
+from delayq.timing import from_ms
+
+APPLIED = "applied"
+NOT_FOUND = "not_found"
+UNKNOWN_ACTION = "unknown_action"
+MALFORMED_KEY = "malformed_key"
+ALREADY_RECORDED = "already_recorded"  # not stored: the earlier outcome stands
+
+
+@dataclass(frozen=True)
+class Action:
+    """Move an order from one status to another, stamping a column if there is one."""
+
+    name: str
+    from_status: str
+    to_status: str
+    stamp_column: str | None = None
+
+    @property
+    def skipped(self) -> str:
+        return f"skipped_not_{self.from_status}"[:32]
+
+
+def actions_from(settings: Settings) -> dict[str, Action]:
+    """The actions a timer can name, with the status values from the settings."""
+    return {
+        "cancel": Action(
+            "cancel",
+            settings.status_unpaid,
+            settings.status_cancelled,
+            settings.cancelled_at_column or None,
+        ),
+        "complete": Action("complete", settings.status_paid, settings.status_completed),
+    }
+
+
+@dataclass(frozen=True)
+class Firing:
+    """One claimed timer: its key and the due time it fires for."""
+
+    key: str
+    due_ms: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    firing: Firing
+    order_sn: str
+    action: str
+    outcome: str
+    fired_at: datetime
+
+    @property
+    def lateness_ms(self) -> float:
+        due = from_ms(self.firing.due_ms).replace(tzinfo=None)
+        return (self.fired_at - due).total_seconds() * 1000
+
+
+def utcnow() -> datetime:
+    """Naive UTC with microseconds: the form every timestamp column holds."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Applier:
+    """Applies batches of firings to the database."""
+
+    def __init__(
+        self, engine: Engine, settings: Settings, *, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.actions = actions_from(settings)
+        self.orders = orders_table(settings)
+        self.clock = clock
+
+    def apply(self, firings: Sequence[Firing]) -> list[Outcome]:
+        """Apply `firings` in one transaction; returns one outcome per firing. Raises the
+        database's exception if the transaction fails (nothing is then applied)."""
+        parsed: list[tuple[Firing, str, str]] = []
+        for f in firings:
+            try:
+                order_sn, action = parse_timer_key(f.key)
+            except InvalidInput:
+                order_sn, action = f.key[:64], "?"
+            parsed.append((f, order_sn, action))
+        with self.engine.begin() as conn:
+            recorded = self._recorded(conn, parsed)
+            todo = [p for p in parsed if _identity(p) not in recorded]
+            statuses = self._lock_orders(conn, {sn for _, sn, a in todo if a in self.actions})
+            fired_at = self.clock()
+            results: list[Outcome] = []
+            to_apply: dict[str, list[str]] = defaultdict(list)
+            for firing, order_sn, action in todo:
+                verdict = self._verdict(firing, order_sn, action, statuses)
+                if verdict == APPLIED:
+                    to_apply[action].append(order_sn)
+                    # A second firing of the same order in this batch must see the change.
+                    statuses[order_sn] = self.actions[action].to_status
+                results.append(Outcome(firing, order_sn, action, verdict, fired_at))
+            for action, order_sns in to_apply.items():
+                self._update(conn, self.actions[action], order_sns, fired_at)
+            if results:
+                conn.execute(
+                    outcomes.insert(),
+                    [
+                        {
+                            "order_sn": r.order_sn,
+                            "action": r.action[:32],
+                            "due_at": _due_at(r.firing),
+                            "fired_at": r.fired_at,
+                            "outcome": r.outcome,
+                            "detail": None,
+                        }
+                        for r in results
+                    ],
+                )
+        skipped = [
+            Outcome(f, sn, a, ALREADY_RECORDED, fired_at)
+            for (f, sn, a) in parsed
+            if _identity((f, sn, a)) in recorded
+        ]
+        return results + skipped
+
+    def _verdict(
+        self, firing: Firing, order_sn: str, action: str, statuses: dict[str, str]
+    ) -> str:
+        if action == "?":
+            return MALFORMED_KEY
+        spec = self.actions.get(action)
+        if spec is None:
+            return UNKNOWN_ACTION
+        status = statuses.get(order_sn)
+        if status is None:
+            return NOT_FOUND
+        return APPLIED if status == spec.from_status else spec.skipped
+
+    def _recorded(
+        self, conn: sa.Connection, parsed: list[tuple[Firing, str, str]]
+    ) -> set[tuple[str, str, datetime]]:
+        order_sns = sorted({sn for _, sn, _ in parsed})
+        if not order_sns:
+            return set()
+        rows = conn.execute(
+            sa.select(outcomes.c.order_sn, outcomes.c.action, outcomes.c.due_at).where(
+                outcomes.c.order_sn.in_(order_sns),
+                outcomes.c.due_at.in_(sorted({_due_at(f) for f, _, _ in parsed})),
+            )
+        )
+        return {(r.order_sn, r.action, r.due_at) for r in rows}
+
+    def _lock_orders(self, conn: sa.Connection, order_sns: set[str]) -> dict[str, str]:
+        if not order_sns:
+            return {}
+        key = self.orders.c[self.settings.order_key_column]
+        status = self.orders.c[self.settings.status_column]
+        # FOR UPDATE: a payment committing between this read and the UPDATE below waits,
+        # so the verdict recorded is the one applied. (SQLite: BEGIN IMMEDIATE does it.)
+        query = sa.select(key, status).where(key.in_(sorted(order_sns))).with_for_update()
+        return {row[0]: row[1] for row in conn.execute(query)}
+
+    def _update(
+        self, conn: sa.Connection, action: Action, order_sns: list[str], fired_at: datetime
+    ) -> None:
+        s = self.settings
+        values: dict[str, object] = {s.status_column: action.to_status}
+        for column in (action.stamp_column, s.updated_at_column):
+            if column:
+                values[column] = fired_at
+        key = self.orders.c[s.order_key_column]
+        status = self.orders.c[s.status_column]
+        conn.execute(
+            sa.update(self.orders)
+            .where(key.in_(order_sns), status == action.from_status)
+            .values(values)
+        )
+
+
+def _due_at(firing: Firing) -> datetime:
+    return from_ms(firing.due_ms).replace(tzinfo=None)
+
+
+def _identity(p: tuple[Firing, str, str]) -> tuple[str, str, datetime]:
+    return (p[1], p[2][:32], _due_at(p[0]))

@@ -1,0 +1,210 @@
+"""The command line: parses, calls the library, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from typer.exceptions import TyperException
+
+from delayq.context import Delayq
+from delayq.errors import DelayqError, InvalidInput
+from delayq.keys import timer_key
+from delayq.settings import Settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Exact, durable delay timers: cancel unpaid orders on time, once.",
+)
+embedded_app = typer.Typer(help="The embedded Redis used when DELAYQ_REDIS_URL is not set.")
+app.add_typer(embedded_app, name="embedded")
+
+ActionOpt = Annotated[str, typer.Option("--action", "-a", help="What the timer does.")]
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL; its DB is the timer DB. [env: DELAYQ_REDIS_URL]")
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL. [env: DELAYQ_DATABASE_URL]")
+    ] = None,
+    env_file: Annotated[Path, typer.Option(help="Settings file read before the environment.")] = Path(
+        ".env"
+    ),
+) -> None:
+    ctx.obj = {"redis_url": redis_url, "database_url": database_url, "env_file": env_file}
+
+
+def _dq(ctx: typer.Context) -> Delayq:
+    opts = dict(ctx.obj)
+    env_file = opts.pop("env_file")
+    return Delayq(Settings.load(env_file=env_file, **opts))
+
+
+@app.command()
+def migrate(ctx: typer.Context) -> None:
+    """Create or upgrade delayq's tables (safe to run while listeners run)."""
+    before, after = _dq(ctx).migrate()
+    print(f"database schema: {before or 'empty'} -> {after}")
+
+
+@app.command()
+def schedule(
+    ctx: typer.Context,
+    order_sn: Annotated[str, typer.Argument(help="The order id (1-64 of A-Za-z0-9_.-).")],
+    in_: Annotated[str | None, typer.Option("--in", help="Delay: 90s, 20m, 1h30m, 2d, 1200.")] = None,
+    at: Annotated[str | None, typer.Option(help="Due time, ISO 8601 with zone: 2026-12-01T10:00Z.")] = None,
+    action: ActionOpt = "cancel",
+) -> None:
+    """Arm the timer of an order (again: move it; the last schedule wins)."""
+    if (in_ is None) == (at is None):
+        raise InvalidInput("give exactly one of --in DURATION or --at TIME")
+    key = timer_key(order_sn, action)
+    due = _dq(ctx).producer.schedule(order_sn, in_, at=at, action=action)
+    print(f"scheduled {key} due {due.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}")
+
+
+@app.command()
+def cancel(ctx: typer.Context, order_sn: str, action: ActionOpt = "cancel") -> None:
+    """Disarm the timer of an order (it was paid)."""
+    key = timer_key(order_sn, action)
+    if _dq(ctx).producer.cancel(order_sn, action=action):
+        print(f"cancelled {key}")
+    else:
+        print(f"no pending timer {key} (never set, already fired, or firing now)")
+
+
+@app.command()
+def listen(
+    ctx: typer.Context,
+    configure_redis: Annotated[
+        bool, typer.Option(help="Turn on notify-keyspace-events Ex with CONFIG SET if it is off.")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Fire timers as they fall due, until SIGTERM or Ctrl-C."""
+    _setup_logging(log_level)
+    dq = _dq(ctx)
+    for line in dq.check(configure_redis=configure_redis):
+        logging.getLogger("delayq").info(line)
+    listener = dq.listener()
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        # Only a flag: the loops finish the batch in hand and give back the rest.
+        listener.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    listener.run()
+
+
+@app.command()
+def check(
+    ctx: typer.Context,
+    configure_redis: Annotated[bool, typer.Option(help="Set notify-keyspace-events if off.")] = False,
+) -> None:
+    """Check Redis (reachable, keyspace notifications on) and the database (reachable, migrated)."""
+    for line in _dq(ctx).check(configure_redis=configure_redis):
+        print(f"ok: {line}")
+
+
+@app.command()
+def status(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+) -> None:
+    """Pending, overdue, in-flight and dead-lettered timers, and outcomes of the last hour."""
+    figures = _dq(ctx).status()
+    if as_json:
+        print(json.dumps(figures, indent=2))
+        return
+    for name, value in figures.items():
+        if name == "dead_letters":
+            for d in value:
+                print(f"  dead: {d['timer']} due {d['due_at']} after {d['attempts']} attempts: {d['error']}")
+        elif name == "outcomes_last_hour":
+            print("outcomes (last hour): " + (", ".join(f"{k} {n}" for k, n in value.items()) or "none"))
+        else:
+            print(f"{name.replace('_', ' ')}: {value}")
+
+
+@app.command("retry-dead")
+def retry_dead(
+    ctx: typer.Context,
+    order_sn: Annotated[list[str] | None, typer.Argument(help="Orders to re-queue (default: all).")] = None,
+    action: ActionOpt = "cancel",
+) -> None:
+    """Re-queue dead-lettered timers so they fire now."""
+    keys = [timer_key(sn, action) for sn in order_sn or []]
+    print(f"re-queued {_dq(ctx).retry_dead(keys)} dead-lettered timers")
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    delay_s: Annotated[float, typer.Option(help="How far ahead the demo's timers are.")] = 2.0,
+) -> None:
+    """Create three orders, schedule them, pay one, cancel one timer, watch the listener."""
+    from delayq.demo import run_demo
+
+    _setup_logging("warning")
+    run_demo(_dq(ctx), delay_s=delay_s, out=print)
+
+
+@embedded_app.command("stop")
+def embedded_stop(ctx: typer.Context) -> None:
+    """Stop the embedded Redis (its append-only file keeps the timers)."""
+    from delayq.embedded import stop_embedded_redis
+
+    settings = _dq(ctx).settings
+    print("stopped" if stop_embedded_redis(settings) else "not running")
+
+
+def _setup_logging(level: str) -> None:
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise InvalidInput(f"invalid log level {level!r}: use debug, info, warning or error")
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every error ends in one line on stderr and a non-zero exit."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="delayq", standalone_mode=False)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except DelayqError as exc:
+        print(f"delayq: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except TyperException as exc:  # usage errors: typer's own (vendored) click exceptions
+        message = exc.format_message()
+        if "\n" in message:  # 'delayq' alone: the help text
+            print(message, file=sys.stderr)
+        else:
+            print(f"delayq: error: {message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("delayq: aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

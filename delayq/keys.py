@@ -1,0 +1,84 @@
+"""Every Redis key and channel name delayq uses, built in one place.
+
+Timer keys are the card's contract: `ORDER_SN:ACTION` with a TTL, no prefix, so that
+existing producers' `SETEX SN123:cancel 1200 x` keys are understood. delayq's own keys
+carry the namespace in braces (`{delayq}:due`): braces can never appear in an order id,
+so they never look like timers, and in Redis Cluster they share one hash slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from delayq.errors import InvalidInput
+from delayq.timing import ACTION_RE, ORDER_SN_RE, validate_action, validate_order_sn
+
+
+def timer_key(order_sn: str, action: str) -> str:
+    """The TTL key of one timer: `ORDER_SN:ACTION`."""
+    return f"{validate_order_sn(order_sn)}:{validate_action(action)}"
+
+
+def parse_timer_key(key: str) -> tuple[str, str]:
+    """Split a timer key into (order_sn, action); raises InvalidInput if it is not one."""
+    order_sn, sep, action = key.rpartition(":")
+    if not sep or not ORDER_SN_RE.fullmatch(order_sn) or not ACTION_RE.fullmatch(action):
+        raise InvalidInput(f"not a timer key: {key!r}")
+    return order_sn, action
+
+
+@dataclass(frozen=True)
+class Keys:
+    """delayq's own keys in one namespace, and the keyspace channel of the timer DB."""
+
+    namespace: str = "delayq"
+    db: int = 0
+
+    def _k(self, name: str) -> str:
+        return f"{{{self.namespace}}}:{name}"
+
+    @property
+    def due(self) -> str:
+        """ZSET timer key -> due time (ms): every pending timer; the source of truth."""
+        return self._k("due")
+
+    @property
+    def inflight(self) -> str:
+        """ZSET timer key -> lease deadline (ms): claimed, or waiting for a retry."""
+        return self._k("inflight")
+
+    @property
+    def inflight_due(self) -> str:
+        """HASH timer key -> due time (ms) of the firing in flight."""
+        return self._k("inflight:due")
+
+    @property
+    def attempts(self) -> str:
+        """HASH timer key -> failed attempts of the firing in flight."""
+        return self._k("attempts")
+
+    @property
+    def dead(self) -> str:
+        """HASH timer key -> JSON {due_ms, attempts, error, dead_ms}: gave up, kept for retry-dead."""
+        return self._k("dead")
+
+    @property
+    def recent(self) -> str:
+        """ZSET timer key -> ms: fired or cancelled lately, so a late keyspace event for it
+        is not mistaken for a legacy timer and fired twice."""
+        return self._k("recent")
+
+    @property
+    def wake_channel(self) -> str:
+        """Published when a timer is scheduled earlier than every pending one."""
+        return self._k("wake")
+
+    @property
+    def expired_channel(self) -> str:
+        return f"__keyevent@{self.db}__:expired"
+
+
+def checked_db(db: int) -> int:
+    if not 0 <= db <= 15_999:
+        raise InvalidInput(f"invalid Redis DB number {db}")
+    return db

@@ -1,0 +1,331 @@
+"""`delayq listen`: fires every timer once, on time, and loses none.
+
+Three threads share one queue of claimed firings:
+
+* the claimer sleeps until the earliest due time in the index (or a lease running out),
+  then claims what is due in one Lua call. This is what makes delayq exact: Redis's own
+  expiry of TTL keys can run minutes late with many keys pending.
+* the subscriber PSUBSCRIBEs to `__keyevent@N__:expired`. Timers set by plain SETEX have no
+  index entry and are known only through their event; for indexed timers the event is a
+  harmless duplicate. It also listens on the wake channel, on which producers announce a
+  timer earlier than every pending one.
+* the applier takes what is queued (a micro-batch that grows with load), applies it in one
+  short transaction, then acknowledges it in Redis. A failed batch goes back to Redis with
+  a backoff; after too many attempts, to the dead letters.
+
+Nothing is acknowledged before its outcome is committed, so a crash at any point leaves
+the firing in Redis, where a lease makes it claimable again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from delayq.actions import APPLIED, Applier, Firing, Outcome
+from delayq.keys import Keys
+from delayq.redis_conn import Scripts
+from delayq.settings import Settings, mask_url
+
+log = logging.getLogger("delayq.listener")
+
+#: The claimer looks at the index at least this often even with nothing due, so a wake-up
+#: that was lost (pub/sub is fire and forget) delays nothing by more than this.
+IDLE_CHECK_S = 1.0
+#: How long a fired timer's tombstone stops a late keyspace event from firing it again.
+RECENT_WINDOW_MS = 120_000
+#: Keyspace events handled per claim_expired call.
+EVENT_BATCH = 1000
+
+
+class Backoff:
+    """Capped exponential backoff: 0.1 s, 0.2 s, ... up to `cap_s`."""
+
+    def __init__(self, cap_s: float, first_s: float = 0.1) -> None:
+        self.cap_s, self.first_s, self.n = cap_s, first_s, 0
+
+    def next(self) -> float:
+        delay = min(self.cap_s, self.first_s * 2**self.n)
+        self.n += 1
+        return delay
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+class Outage:
+    """Logs an outage once when it starts and once, with its duration, when it ends."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.since: float | None = None
+        self.count = 0
+
+    def failed(self, exc: BaseException) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            self.count += 1
+            log.warning("%s unreachable: %s", self.what, _one_line(exc))
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.warning("%s back after %.1f s", self.what, time.monotonic() - self.since)
+            self.since = None
+
+
+class Listener:
+    """Runs until `stop()`; see the module docstring."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, engine: Engine, keys: Keys) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = keys
+        self.scripts = Scripts.register(client)
+        self.applier = Applier(engine, settings)
+        self.lease_ms = int(settings.lease_s * 1000)
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.wake = threading.Event()
+        self.queue: queue.Queue[Firing] = queue.Queue()
+        # Claim no more than the applier can finish well within a lease.
+        self.max_backlog = settings.batch_size * 4
+        self.redis_outage = Outage(f"Redis at {mask_url(settings.redis_url)}")
+        self.db_outage = Outage(f"database at {mask_url(settings.effective_database_url)}")
+        self.fired: Counter[tuple[str, str]] = Counter()
+
+    def stop(self) -> None:
+        """Ask the listener to stop: called from a signal handler, so it only sets flags."""
+        self.stopping.set()
+        self.wake.set()
+
+    def run(self) -> None:
+        """Run until stop(): then finish the batch in hand and give back the rest."""
+        feeders = [
+            threading.Thread(target=self._subscribe_loop, name="delayq-subscriber", daemon=True),
+            threading.Thread(target=self._claim_loop, name="delayq-claimer", daemon=True),
+        ]
+        applier = threading.Thread(target=self._apply_loop, name="delayq-applier", daemon=True)
+        for t in [*feeders, applier]:
+            t.start()
+        while not self.stopping.wait(0.5):
+            pass
+        for t in feeders:
+            t.join()
+        applier.join()
+        log.info("stopped")
+
+    # -- claimer -------------------------------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        backoff = Backoff(self.settings.reconnect_backoff_max_s)
+        while not self.stopping.is_set():
+            if self.queue.qsize() >= self.max_backlog:
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            self.wake.clear()
+            try:
+                now_ms, next_ms, firings = self.claim_due()
+            except redis.RedisError as exc:
+                self.redis_outage.failed(exc)
+                self.stopping.wait(backoff.next())
+                continue
+            self.redis_outage.ok()
+            backoff.reset()
+            for firing in firings:
+                self.queue.put(firing)
+            if len(firings) >= self.settings.batch_size:
+                continue
+            wait_s = IDLE_CHECK_S if next_ms < 0 else (next_ms - now_ms) / 1000
+            self.wake.wait(min(IDLE_CHECK_S, max(wait_s, 0.0)))
+
+    def claim_due(self) -> tuple[int, int, list[Firing]]:
+        """Claim due timers and timers whose lease ran out: (Redis now, next due, firings)."""
+        raw = self.scripts.claim_due(
+            keys=[self.keys.due, self.keys.inflight, self.keys.inflight_due],
+            args=[self.settings.batch_size, self.lease_ms],
+        )
+        return int(raw[0]), int(raw[1]), _firings(raw[2:])
+
+    # -- subscriber ----------------------------------------------------------------------
+
+    def _subscribe_loop(self) -> None:
+        backoff = Backoff(self.settings.reconnect_backoff_max_s)
+        while not self.stopping.is_set():
+            pubsub = self.client.pubsub()
+            try:
+                self._subscribe(pubsub)
+                self.redis_outage.ok()
+                backoff.reset()
+                self.wake.set()  # events may have been missed: look at the index now
+                self._pump(pubsub)
+            except redis.RedisError as exc:
+                self.redis_outage.failed(exc)
+                self.stopping.wait(backoff.next())
+            finally:
+                pubsub.close()
+
+    def _subscribe(self, pubsub: redis.client.PubSub) -> None:
+        pubsub.psubscribe(self.keys.expired_channel)
+        pubsub.subscribe(self.keys.wake_channel)
+        confirmed = 0
+        deadline = time.monotonic() + 10
+        while confirmed < 2:
+            if time.monotonic() > deadline:
+                raise redis.TimeoutError("no subscription confirmation within 10 s")
+            msg = pubsub.get_message(timeout=1.0)
+            if msg and msg["type"] in ("subscribe", "psubscribe"):
+                confirmed += 1
+        if not self.ready.is_set():
+            log.info(
+                "listening: %s on %s, database %s",
+                self.keys.expired_channel,
+                mask_url(self.settings.redis_url),
+                mask_url(self.settings.effective_database_url),
+            )
+            self.ready.set()
+        else:
+            log.info("subscribed again to %s", self.keys.expired_channel)
+
+    def _pump(self, pubsub: redis.client.PubSub) -> None:
+        while not self.stopping.is_set():
+            msg = pubsub.get_message(timeout=0.2)
+            expired: list[str] = []
+            while msg is not None and len(expired) < EVENT_BATCH:
+                if msg["type"] == "pmessage":
+                    expired.append(msg["data"])
+                elif msg["type"] == "message":
+                    self.wake.set()
+                msg = pubsub.get_message(timeout=0)
+            if expired:
+                self.claim_expired(expired)
+
+    def claim_expired(self, expired_keys: Sequence[str]) -> None:
+        """Claim the timers named by keyspace events that nobody is firing yet."""
+        raw = self.scripts.claim_expired(
+            keys=[self.keys.due, self.keys.inflight, self.keys.inflight_due, self.keys.recent],
+            args=[self.lease_ms, *expired_keys],
+        )
+        for firing in _firings(raw):
+            self.queue.put(firing)
+
+    # -- applier -------------------------------------------------------------------------
+
+    def _apply_loop(self) -> None:
+        while True:
+            try:
+                batch = [self.queue.get(timeout=0.1)]
+            except queue.Empty:
+                if self.stopping.is_set():
+                    return
+                continue
+            while len(batch) < self.settings.batch_size:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            self.wake.set()  # room in the backlog again
+            self.apply_batch(batch)
+            if self.stopping.is_set():
+                self._release_queued()
+                return
+
+    def apply_batch(self, batch: Sequence[Firing]) -> None:
+        """Apply one micro-batch and acknowledge it, or send it back for a retry."""
+        started = time.monotonic()
+        try:
+            outcomes = self.applier.apply(batch)
+        except sa.exc.SQLAlchemyError as exc:
+            if len(batch) > 1 and not _is_transient(exc):
+                # One bad firing must not hold back the rest: isolate it.
+                for firing in batch:
+                    self.apply_batch([firing])
+                return
+            self.db_outage.failed(exc)
+            self._retry_later(batch, exc)
+            return
+        self.db_outage.ok()
+        self._ack(outcomes)
+        self._log_batch(outcomes, time.monotonic() - started)
+
+    def _ack(self, outcomes: Sequence[Outcome]) -> None:
+        try:
+            self.scripts.ack(
+                keys=[self.keys.inflight, self.keys.inflight_due, self.keys.attempts, self.keys.recent],
+                args=[RECENT_WINDOW_MS, *(o.firing.key for o in outcomes)],
+            )
+        except redis.RedisError as exc:
+            # The outcomes are committed; when the leases run out the firings come round
+            # again and are recognised as already recorded.
+            self.redis_outage.failed(exc)
+
+    def _retry_later(self, batch: Sequence[Firing], exc: BaseException) -> None:
+        s = self.settings
+        try:
+            dead = self.scripts.retry_later(
+                keys=[self.keys.inflight, self.keys.inflight_due, self.keys.attempts, self.keys.dead],
+                args=[
+                    s.max_attempts,
+                    int(s.retry_backoff_s * 1000),
+                    int(s.retry_backoff_max_s * 1000),
+                    _one_line(exc)[:300],
+                    *(f.key for f in batch),
+                ],
+            )
+        except redis.RedisError as redis_exc:
+            # Leases will run out and the firings be claimed again: nothing is lost.
+            self.redis_outage.failed(redis_exc)
+            return
+        if dead:
+            log.error("dead-lettered %d timers after %d attempts: %s", dead, s.max_attempts,
+                      _one_line(exc))
+
+    def _release_queued(self) -> None:
+        keys: list[str] = []
+        while True:
+            try:
+                keys.append(self.queue.get_nowait().key)
+            except queue.Empty:
+                break
+        if keys:
+            try:
+                self.scripts.release(keys=[self.keys.inflight], args=keys)
+                log.info("gave back %d claimed timers", len(keys))
+            except redis.RedisError as exc:
+                log.warning("could not give back %d claimed timers (%s): they are claimable "
+                            "again when their lease runs out", len(keys), _one_line(exc))
+
+    def _log_batch(self, outcomes: Sequence[Outcome], took_s: float) -> None:
+        counts = Counter((o.action, o.outcome) for o in outcomes)
+        self.fired.update(counts)
+        late = [o.lateness_ms for o in outcomes if o.outcome == APPLIED]
+        summary = ", ".join(f"{a} {o} {n}" for (a, o), n in sorted(counts.items()))
+        lateness = f"; lateness max {max(late):.1f} ms" if late else ""
+        level = logging.INFO
+        if any(o.outcome in ("unknown_action", "malformed_key") for o in outcomes):
+            level = logging.WARNING
+        log.log(level, "fired %d in %.1f ms: %s%s", len(outcomes), took_s * 1000, summary, lateness)
+
+
+def _firings(flat: Sequence[object]) -> list[Firing]:
+    return [Firing(str(flat[i]), int(float(str(flat[i + 1])))) for i in range(0, len(flat), 2)]
+
+
+def _is_transient(exc: sa.exc.SQLAlchemyError) -> bool:
+    """A failure of the database rather than of one firing: retry the whole batch later."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,41 @@
+-- Claim timers that are due, and timers whose lease ran out (their listener died, or a
+-- failed attempt is waiting for its retry). A claimed timer moves from the due index to
+-- the in-flight set with a lease; it leaves Redis only when its outcome is committed.
+-- KEYS: due index, in-flight set, in-flight due hash.  ARGV: limit, lease ms.
+-- Returns {now ms, next wake-up ms or -1, key1, due1, key2, due2, ...}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local lease_until = now + tonumber(ARGV[2])
+local out = {now, -1}
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+for _, key in ipairs(stale) do
+  redis.call('ZADD', KEYS[2], lease_until, key)
+  out[#out + 1] = key
+  out[#out + 1] = redis.call('HGET', KEYS[3], key) or now
+end
+if #stale < limit then
+  -- Due means due <= now in whole ms of Redis's clock: never before the due time.
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
+    limit - #stale)
+  for i = 1, #due, 2 do
+    local key = due[i]
+    redis.call('ZREM', KEYS[1], key)
+    redis.call('ZADD', KEYS[2], lease_until, key)
+    redis.call('HSET', KEYS[3], key, due[i + 1])
+    -- Touch the key so Redis expires it now (and emits its event now, while the timer is
+    -- in flight), not minutes later when its own expiry cycle gets to it.
+    redis.call('DEL', key)
+    out[#out + 1] = key
+    out[#out + 1] = due[i + 1]
+  end
+end
+local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local next_lease = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local wake = -1
+if #next_due > 0 then wake = tonumber(next_due[2]) end
+if #next_lease > 0 and (wake < 0 or tonumber(next_lease[2]) < wake) then
+  wake = tonumber(next_lease[2])
+end
+out[2] = wake
+return out

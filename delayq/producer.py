@@ -1,0 +1,150 @@
+"""Scheduling and cancelling timers: what an order service calls."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from itertools import islice
+
+import redis
+
+from delayq.errors import InvalidInput, ServiceUnavailable
+from delayq.keys import Keys, timer_key
+from delayq.redis_conn import Scripts, connect, keys_for
+from delayq.settings import Settings, mask_url
+from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
+
+DEFAULT_ACTION = "cancel"
+#: Timers per Lua call in schedule_many, and Lua calls per pipelined round trip.
+BULK_CHUNK = 500
+BULK_PIPELINE_DEPTH = 8
+
+Item = tuple[str, Delay | datetime] | tuple[str, Delay | datetime, str]
+
+
+class Producer:
+    """Writes and removes timers. Thread-safe: it holds a redis-py connection pool."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self.scripts = Scripts.register(client)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Producer:
+        settings = settings or Settings.load()
+        client = connect(settings)
+        return cls(client, keys_for(client, settings))
+
+    def schedule(
+        self,
+        order_sn: str,
+        delay: Delay | None = None,
+        *,
+        at: datetime | str | None = None,
+        action: str = DEFAULT_ACTION,
+    ) -> datetime:
+        """Arm (or move: the last schedule wins) the timer of `order_sn`/`action` to fire
+        after `delay` or at `at`. Returns the due time in UTC."""
+        if (delay is None) == (at is None):
+            raise InvalidInput("give either a delay or an absolute time (at=), not both")
+        spec = _spec(delay if at is None else parse_due_at(at))
+        return from_ms(self._schedule_chunk([(timer_key(order_sn, action), *spec)])[0])
+
+    def schedule_many(self, items: Iterable[Item]) -> int:
+        """Schedule many timers in pipelined round trips. Items are (order_sn, delay) or
+        (order_sn, delay, action); a delay may also be an aware datetime. Every item is
+        validated before anything is written. Returns the number scheduled."""
+        prepared = [_prepare(item) for item in items]
+        it = iter(prepared)
+        while chunks := [c for c in (list(islice(it, BULK_CHUNK)) for _ in range(8)) if c]:
+            pipe = self.client.pipeline(transaction=False)
+            for chunk in chunks:
+                self._schedule_chunk(chunk, pipe)
+            self._run(pipe.execute)
+        return len(prepared)
+
+    def cancel(self, order_sn: str, *, action: str = DEFAULT_ACTION) -> bool:
+        """Disarm the timer (the order was paid). True if it was still pending; False if
+        there was none, or it is already firing (a paid order is never cancelled: the
+        listener re-checks the order's status in the same transaction)."""
+        key = timer_key(order_sn, action)
+        result = self._run(
+            lambda: self.scripts.cancel(keys=[self.keys.due, self.keys.recent, key])
+        )
+        return bool(result[0])
+
+    def _schedule_chunk(
+        self, chunk: Sequence[tuple[str, str, int]], pipe: redis.client.Pipeline | None = None
+    ) -> list[int]:
+        args: list[str | int] = [self.keys.wake_channel]
+        for _, mode, value in chunk:
+            args += [mode, value]
+        keys = [self.keys.due, *(key for key, _, _ in chunk)]
+        if pipe is not None:
+            self.scripts.schedule(keys=keys, args=args, client=pipe)
+            return []
+        return [int(d) for d in self._run(lambda: self.scripts.schedule(keys=keys, args=args))]
+
+    def _run(self, call):  # type: ignore[no-untyped-def]
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            url = mask_url(_url_of(self.client))
+            raise ServiceUnavailable(f"Redis at {url} is not reachable: {exc}") from None
+
+
+def _url_of(client: redis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}"
+    return f"redis://{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
+
+
+def _spec(delay: Delay | datetime) -> tuple[str, int]:
+    if isinstance(delay, datetime):
+        return "at", to_ms(parse_due_at(delay))
+    return "in", parse_delay_ms(delay)
+
+
+def _prepare(item: Item) -> tuple[str, str, int]:
+    if not isinstance(item, tuple | list) or len(item) not in (2, 3):
+        raise InvalidInput(f"bad item {item!r}: use (order_sn, delay) or (order_sn, delay, action)")
+    action = item[2] if len(item) == 3 else DEFAULT_ACTION
+    return (timer_key(item[0], action), *_spec(item[1]))
+
+
+_default: Producer | None = None
+_default_lock = threading.Lock()
+
+
+def default_producer() -> Producer:
+    """The process-wide producer built from the environment and `.env`, made on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Producer.from_settings()
+        return _default
+
+
+def schedule_expiry(
+    order_sn: str,
+    delay: Delay | None = None,
+    *,
+    at: datetime | str | None = None,
+    action: str = DEFAULT_ACTION,
+) -> datetime:
+    """Fire `action` (default: cancel the order if still unpaid) after `delay` (seconds,
+    timedelta or '20m') or at `at`. Scheduling again moves the due time. Returns it (UTC)."""
+    return default_producer().schedule(order_sn, delay, at=at, action=action)
+
+
+def cancel_expiry(order_sn: str, *, action: str = DEFAULT_ACTION) -> bool:
+    """The order was paid: the timer must not fire. True if a pending timer was removed."""
+    return default_producer().cancel(order_sn, action=action)
+
+
+def schedule_many(items: Iterable[Item]) -> int:
+    """Schedule many timers in few round trips; see Producer.schedule_many."""
+    return default_producer().schedule_many(items)

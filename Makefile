@@ -1,0 +1,25 @@
+# `make check` is the one command for lint, types and tests (CI runs it too).
+VENV := .venv
+
+.PHONY: venv lint types test check demo
+
+# Steps share one venv and servers; running them in parallel would only interleave output.
+.NOTPARALLEL:
+
+venv:
+	bash scripts/bootstrap.sh
+
+lint:
+	$(VENV)/bin/ruff check delayq tests
+	$(VENV)/bin/ruff format --check delayq tests
+
+types:
+	$(VENV)/bin/mypy
+
+test:
+	$(VENV)/bin/pytest
+
+check: venv lint types test
+
+demo: venv
+	$(VENV)/bin/delayq demo

@@ -1,0 +1,163 @@
+"""Fixtures for tests against real Redis, SQLite, MariaDB and PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pytest
+
+from tests.servers import RedisFactory, RedisServer
+
+MARIADB_HOST = "127.0.0.1"
+MARIADB_PORT = 3306
+POSTGRES_HOST = "127.0.0.1"
+POSTGRES_PORT = 5432
+CONNECT_TIMEOUT_S = 5
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: takes more than a few seconds (deselect with -m 'not slow')"
+    )
+
+
+@pytest.fixture
+def in_ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
+    """Makes started RedisServers in their own dirs under tmp_path; stops them all after."""
+    servers: list[RedisServer] = []
+
+    def make(
+        *,
+        appendonly: bool = False,
+        notify: str = "Ex",
+        extra: dict[str, str] | None = None,
+    ) -> RedisServer:
+        server_dir = tmp_path / f"redis-{len(servers)}"
+        server_dir.mkdir()
+        server = RedisServer(server_dir, appendonly=appendonly, notify=notify, extra=extra)
+        # Registered before start() so a half-started server is still cleaned up.
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+
+    errors: list[BaseException] = []
+    for server in servers:
+        try:
+            server.stop()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def redis_server(redis_factory: RedisFactory) -> RedisServer:
+    return redis_factory(notify="Ex")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/delayq.db"
+
+
+def _unique_database_name() -> str:
+    return f"delayq_t_{uuid.uuid4().hex[:12]}"
+
+
+def _mariadb_connect() -> pymysql.connections.Connection[Any]:
+    return pymysql.connect(
+        host=MARIADB_HOST,
+        port=MARIADB_PORT,
+        user="root",
+        password="",
+        connect_timeout=CONNECT_TIMEOUT_S,
+        autocommit=True,
+    )
+
+
+@pytest.fixture
+def mariadb_url(in_ci: bool) -> Iterator[str]:
+    """A fresh, empty MariaDB database for this test, dropped afterwards."""
+    try:
+        conn = _mariadb_connect()
+    except pymysql.MySQLError as exc:
+        reason = f"MariaDB not reachable as root@{MARIADB_HOST}:{MARIADB_PORT}: {exc}"
+        # CI is set up by scripts/bootstrap.sh, so there a missing server is a bug.
+        if in_ci:
+            pytest.fail(reason)
+        pytest.skip(f"{reason} (run scripts/bootstrap.sh)")
+    name = _unique_database_name()
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+
+    yield f"mysql+pymysql://root@{MARIADB_HOST}:{MARIADB_PORT}/{name}"
+
+    # A fresh connection: the test may have run longer than wait_timeout.
+    with contextlib.closing(_mariadb_connect()) as conn, conn.cursor() as cur:
+        # Connections the test leaked (an engine not disposed, a worker thread)
+        # would hold metadata locks and make DROP DATABASE wait for a year.
+        cur.execute(
+            "SELECT id FROM information_schema.processlist WHERE db = %s AND id <> CONNECTION_ID()",
+            (name,),
+        )
+        for (thread_id,) in cur.fetchall():
+            with contextlib.suppress(pymysql.MySQLError):
+                cur.execute(f"KILL {int(thread_id)}")
+        cur.execute("SET SESSION lock_wait_timeout = 30")
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards; PostgreSQL is optional, so skip."""
+    try:
+        import psycopg
+        from psycopg import sql
+    except ImportError as exc:
+        pytest.skip(f"psycopg not installed (pip install -e '.[postgres]'): {exc}")
+
+    def connect() -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            host=POSTGRES_HOST,
+            port=POSTGRES_PORT,
+            user="postgres",
+            dbname="postgres",
+            connect_timeout=CONNECT_TIMEOUT_S,
+            autocommit=True,
+        )
+
+    try:
+        conn = connect()
+    except psycopg.Error as exc:
+        pytest.skip(f"PostgreSQL not reachable as postgres@{POSTGRES_HOST}:{POSTGRES_PORT}: {exc}")
+    name = _unique_database_name()
+    with conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+    yield f"postgresql+psycopg://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
+
+    with connect() as conn:
+        # FORCE ends sessions the test leaked instead of failing the drop.
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(params=["sqlite", "mariadb"], ids=["sqlite", "mariadb"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Runs a test once per supported database backend."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url

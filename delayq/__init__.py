@@ -1,9 +1,9 @@
 """delayq: exact, durable delay timers on Redis, applied once in your database.
 
-    from delayq import schedule_expiry, cancel_expiry, schedule_many
+from delayq import schedule_expiry, cancel_expiry, schedule_many
 
-    schedule_expiry("SN123", "20m")   # cancel SN123 in 20 minutes unless it is paid
-    cancel_expiry("SN123")            # it was paid
+schedule_expiry("SN123", "20m")   # cancel SN123 in 20 minutes unless it is paid
+cancel_expiry("SN123")            # it was paid
 """
 
 from delayq.errors import DelayqError, InvalidInput, NotReady, ServiceUnavailable

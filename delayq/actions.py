@@ -143,9 +143,7 @@ class Applier:
         ]
         return results + skipped
 
-    def _verdict(
-        self, firing: Firing, order_sn: str, action: str, statuses: dict[str, str]
-    ) -> str:
+    def _verdict(self, firing: Firing, order_sn: str, action: str, statuses: dict[str, str]) -> str:
         if action == "?":
             return MALFORMED_KEY
         spec = self.actions.get(action)

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from typer.exceptions import TyperException
@@ -41,9 +41,9 @@ def _global(
     database_url: Annotated[
         str | None, typer.Option(help="SQLAlchemy URL. [env: DELAYQ_DATABASE_URL]")
     ] = None,
-    env_file: Annotated[Path, typer.Option(help="Settings file read before the environment.")] = Path(
-        ".env"
-    ),
+    env_file: Annotated[
+        Path, typer.Option(help="Settings file read before the environment.")
+    ] = Path(".env"),
 ) -> None:
     ctx.obj = {"redis_url": redis_url, "database_url": database_url, "env_file": env_file}
 
@@ -65,8 +65,12 @@ def migrate(ctx: typer.Context) -> None:
 def schedule(
     ctx: typer.Context,
     order_sn: Annotated[str, typer.Argument(help="The order id (1-64 of A-Za-z0-9_.-).")],
-    in_: Annotated[str | None, typer.Option("--in", help="Delay: 90s, 20m, 1h30m, 2d, 1200.")] = None,
-    at: Annotated[str | None, typer.Option(help="Due time, ISO 8601 with zone: 2026-12-01T10:00Z.")] = None,
+    in_: Annotated[
+        str | None, typer.Option("--in", help="Delay: 90s, 20m, 1h30m, 2d, 1200.")
+    ] = None,
+    at: Annotated[
+        str | None, typer.Option(help="Due time, ISO 8601 with zone: 2026-12-01T10:00Z.")
+    ] = None,
     action: ActionOpt = "cancel",
 ) -> None:
     """Arm the timer of an order (again: move it; the last schedule wins)."""
@@ -117,7 +121,9 @@ def listen(
 @app.command()
 def check(
     ctx: typer.Context,
-    configure_redis: Annotated[bool, typer.Option(help="Set notify-keyspace-events if off.")] = False,
+    configure_redis: Annotated[
+        bool, typer.Option(help="Set notify-keyspace-events if off.")
+    ] = False,
 ) -> None:
     """Check Redis (reachable, keyspace notifications on) and the database (reachable, migrated)."""
     for line in _dq(ctx).check(configure_redis=configure_redis):
@@ -136,9 +142,13 @@ def status(
     for name, value in figures.items():
         if name == "dead_letters":
             for d in value:
-                print(f"  dead: {d['timer']} due {d['due_at']} after {d['attempts']} attempts: {d['error']}")
+                print(f"  dead: {d['timer']} due {d['due_at']}", end="")
+                print(f" after {d['attempts']} attempts: {d['error']}")
         elif name == "outcomes_last_hour":
-            print("outcomes (last hour): " + (", ".join(f"{k} {n}" for k, n in value.items()) or "none"))
+            print(
+                "outcomes (last hour): "
+                + (", ".join(f"{k} {n}" for k, n in value.items()) or "none")
+            )
         else:
             print(f"{name.replace('_', ' ')}: {value}")
 
@@ -146,7 +156,9 @@ def status(
 @app.command("retry-dead")
 def retry_dead(
     ctx: typer.Context,
-    order_sn: Annotated[list[str] | None, typer.Argument(help="Orders to re-queue (default: all).")] = None,
+    order_sn: Annotated[
+        list[str] | None, typer.Argument(help="Orders to re-queue (default: all).")
+    ] = None,
     action: ActionOpt = "cancel",
 ) -> None:
     """Re-queue dead-lettered timers so they fire now."""

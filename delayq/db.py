@@ -53,7 +53,9 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     try:
         url = make_url(url_text)
     except Exception:
-        raise InvalidInput(f"DELAYQ_DATABASE_URL: {mask_url(url_text)} is not a valid URL") from None
+        raise InvalidInput(
+            f"DELAYQ_DATABASE_URL: {mask_url(url_text)} is not a valid URL"
+        ) from None
     opts: dict[str, Any] = {"pool_pre_ping": True}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -61,9 +63,7 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         opts["connect_args"] = {"timeout": 30}
     else:
         opts.update(pool_size=4, max_overflow=4, pool_recycle=1800)
-        if url.get_backend_name() in ("mysql", "mariadb"):
-            opts["connect_args"] = {"connect_timeout": 5}
-        elif url.get_backend_name() == "postgresql":
+        if url.get_backend_name() in ("mysql", "mariadb") or url.get_backend_name() == "postgresql":
             opts["connect_args"] = {"connect_timeout": 5}
     opts.update(kwargs)
     try:

@@ -18,7 +18,7 @@ from delayq.errors import DelayqError
 
 def run_demo(dq: Delayq, *, delay_s: float, out: Callable[[str], None]) -> None:
     s = dq.settings
-    before, after = dq.migrate()
+    _, after = dq.migrate()
     out(f"database {dq.engine.url.render_as_string(hide_password=True)} at schema {after}")
     for line in dq.check(configure_redis=True):
         out(f"ok: {line}")
@@ -31,7 +31,10 @@ def run_demo(dq: Delayq, *, delay_s: float, out: Callable[[str], None]) -> None:
     with dq.engine.begin() as conn:
         conn.execute(
             sa.insert(orders),
-            [{s.order_key_column: sn, s.status_column: s.status_unpaid} for sn in (unpaid, paid, kept)],
+            [
+                {s.order_key_column: sn, s.status_column: s.status_unpaid}
+                for sn in (unpaid, paid, kept)
+            ],
         )
     out(f"created unpaid orders {unpaid}, {paid}, {kept}")
     for sn in (unpaid, paid, kept):
@@ -68,7 +71,9 @@ def run_demo(dq: Delayq, *, delay_s: float, out: Callable[[str], None]) -> None:
     late_ms = (row.fired_at - row.due_at).total_seconds() * 1000
     out(f"fired {unpaid}:cancel -> {row.outcome}, {late_ms:.1f} ms after its due time")
     with dq.engine.connect() as conn:
-        rows = conn.execute(sa.select(key, status).where(key.in_([unpaid, paid, kept])).order_by(key))
+        rows = conn.execute(
+            sa.select(key, status).where(key.in_([unpaid, paid, kept])).order_by(key)
+        )
         out("orders now:")
         for sn, st in rows:
             out(f"  {sn}  {st}")

@@ -6,6 +6,7 @@ stop` stops it."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import shutil
@@ -117,8 +118,7 @@ def stop_embedded_redis(settings: Settings) -> bool:
     if not _answers(url):
         return False
     client = redis.Redis.from_url(url)
-    try:
+    # The server closes the connection as it exits.
+    with contextlib.suppress(redis.ConnectionError):
         client.shutdown()
-    except redis.ConnectionError:
-        pass  # the server closes the connection as it exits
     return True

@@ -59,7 +59,8 @@ class Keys:
 
     @property
     def dead(self) -> str:
-        """HASH timer key -> JSON {due_ms, attempts, error, dead_ms}: gave up, kept for retry-dead."""
+        """HASH timer key -> JSON {due_ms, attempts, error, dead_ms}: given up on, kept
+        for `delayq retry-dead`."""
         return self._k("dead")
 
     @property

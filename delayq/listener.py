@@ -53,7 +53,7 @@ class Backoff:
         self.cap_s, self.first_s, self.n = cap_s, first_s, 0
 
     def next(self) -> float:
-        delay = min(self.cap_s, self.first_s * 2**self.n)
+        delay: float = min(self.cap_s, self.first_s * 2.0**self.n)
         self.n += 1
         return delay
 
@@ -160,7 +160,7 @@ class Listener:
     def _subscribe_loop(self) -> None:
         backoff = Backoff(self.settings.reconnect_backoff_max_s)
         while not self.stopping.is_set():
-            pubsub = self.client.pubsub()
+            pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
             try:
                 self._subscribe(pubsub)
                 self.redis_outage.ok()
@@ -259,7 +259,12 @@ class Listener:
     def _ack(self, outcomes: Sequence[Outcome]) -> None:
         try:
             self.scripts.ack(
-                keys=[self.keys.inflight, self.keys.inflight_due, self.keys.attempts, self.keys.recent],
+                keys=[
+                    self.keys.inflight,
+                    self.keys.inflight_due,
+                    self.keys.attempts,
+                    self.keys.recent,
+                ],
                 args=[RECENT_WINDOW_MS, *(o.firing.key for o in outcomes)],
             )
         except redis.RedisError as exc:
@@ -271,7 +276,12 @@ class Listener:
         s = self.settings
         try:
             dead = self.scripts.retry_later(
-                keys=[self.keys.inflight, self.keys.inflight_due, self.keys.attempts, self.keys.dead],
+                keys=[
+                    self.keys.inflight,
+                    self.keys.inflight_due,
+                    self.keys.attempts,
+                    self.keys.dead,
+                ],
                 args=[
                     s.max_attempts,
                     int(s.retry_backoff_s * 1000),
@@ -285,8 +295,12 @@ class Listener:
             self.redis_outage.failed(redis_exc)
             return
         if dead:
-            log.error("dead-lettered %d timers after %d attempts: %s", dead, s.max_attempts,
-                      _one_line(exc))
+            log.error(
+                "dead-lettered %d timers after %d attempts: %s",
+                dead,
+                s.max_attempts,
+                _one_line(exc),
+            )
 
     def _release_queued(self) -> None:
         keys: list[str] = []
@@ -300,8 +314,12 @@ class Listener:
                 self.scripts.release(keys=[self.keys.inflight], args=keys)
                 log.info("gave back %d claimed timers", len(keys))
             except redis.RedisError as exc:
-                log.warning("could not give back %d claimed timers (%s): they are claimable "
-                            "again when their lease runs out", len(keys), _one_line(exc))
+                log.warning(
+                    "could not give back %d claimed timers (%s): they are claimable "
+                    "again when their lease runs out",
+                    len(keys),
+                    _one_line(exc),
+                )
 
     def _log_batch(self, outcomes: Sequence[Outcome], took_s: float) -> None:
         counts = Counter((o.action, o.outcome) for o in outcomes)

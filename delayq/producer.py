@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from itertools import islice
+from typing import Any, TypeVar
 
 import redis
 
@@ -20,6 +21,7 @@ DEFAULT_ACTION = "cancel"
 BULK_CHUNK = 500
 BULK_PIPELINE_DEPTH = 8
 
+T = TypeVar("T")
 Item = tuple[str, Delay | datetime] | tuple[str, Delay | datetime, str]
 
 
@@ -47,9 +49,14 @@ class Producer:
     ) -> datetime:
         """Arm (or move: the last schedule wins) the timer of `order_sn`/`action` to fire
         after `delay` or at `at`. Returns the due time in UTC."""
-        if (delay is None) == (at is None):
+        when: Delay | datetime
+        if at is not None and delay is None:
+            when = parse_due_at(at)
+        elif delay is not None and at is None:
+            when = delay
+        else:
             raise InvalidInput("give either a delay or an absolute time (at=), not both")
-        spec = _spec(delay if at is None else parse_due_at(at))
+        spec = _spec(when)
         return from_ms(self._schedule_chunk([(timer_key(order_sn, action), *spec)])[0])
 
     def schedule_many(self, items: Iterable[Item]) -> int:
@@ -58,7 +65,9 @@ class Producer:
         validated before anything is written. Returns the number scheduled."""
         prepared = [_prepare(item) for item in items]
         it = iter(prepared)
-        while chunks := [c for c in (list(islice(it, BULK_CHUNK)) for _ in range(8)) if c]:
+        while chunks := [
+            c for c in (list(islice(it, BULK_CHUNK)) for _ in range(BULK_PIPELINE_DEPTH)) if c
+        ]:
             pipe = self.client.pipeline(transaction=False)
             for chunk in chunks:
                 self._schedule_chunk(chunk, pipe)
@@ -70,9 +79,7 @@ class Producer:
         there was none, or it is already firing (a paid order is never cancelled: the
         listener re-checks the order's status in the same transaction)."""
         key = timer_key(order_sn, action)
-        result = self._run(
-            lambda: self.scripts.cancel(keys=[self.keys.due, self.keys.recent, key])
-        )
+        result = self._run(lambda: self.scripts.cancel(keys=[self.keys.due, self.keys.recent, key]))
         return bool(result[0])
 
     def _schedule_chunk(
@@ -85,9 +92,10 @@ class Producer:
         if pipe is not None:
             self.scripts.schedule(keys=keys, args=args, client=pipe)
             return []
-        return [int(d) for d in self._run(lambda: self.scripts.schedule(keys=keys, args=args))]
+        due: list[Any] = self._run(lambda: self.scripts.schedule(keys=keys, args=args))
+        return [int(d) for d in due]
 
-    def _run(self, call):  # type: ignore[no-untyped-def]
+    def _run(self, call: Callable[[], T]) -> T:
         try:
             return call()
         except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -47,9 +47,7 @@ def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
         client: redis.Redis = redis.Redis.from_url(url, **opts)
         client.ping()
     except redis.RedisError as exc:
-        raise ServiceUnavailable(
-            f"Redis at {mask_url(url)} is not reachable: {exc}"
-        ) from None
+        raise ServiceUnavailable(f"Redis at {mask_url(url)} is not reachable: {exc}") from None
     return client
 
 

@@ -83,9 +83,7 @@ def parse_due_at(value: datetime | str) -> datetime:
                 f"invalid time {value!r}: use ISO 8601 with a zone, e.g. 2026-12-01T10:00:00Z"
             ) from None
     if value.tzinfo is None:
-        raise InvalidInput(
-            f"time {value.isoformat()} has no zone: add Z or an offset like +01:00"
-        )
+        raise InvalidInput(f"time {value.isoformat()} has no zone: add Z or an offset like +01:00")
     return value.astimezone(UTC)
 
 

@@ -29,10 +29,16 @@ def clean_env(**delayq: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None, timeout_s: float = 60
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], cwd: Path | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [DELAYQ, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s,
+        [DELAYQ, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
         stdin=subprocess.DEVNULL,
     )
 

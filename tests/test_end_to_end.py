@@ -139,9 +139,7 @@ def test_listener_refuses_a_redis_without_keyspace_notifications(
     assert len(lines) == 1 and "notify-keyspace-events Ex" in lines[0], done.stderr
 
 
-def test_sigterm_stops_the_listener_cleanly(
-    env: dict[str, str], listener: ListenerProcess
-) -> None:
+def test_sigterm_stops_the_listener_cleanly(env: dict[str, str], listener: ListenerProcess) -> None:
     listener.start()
     assert listener.stop() == 0
     assert "stopped" in listener.text()

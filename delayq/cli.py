@@ -178,6 +178,42 @@ def demo(
     run_demo(_dq(ctx), delay_s=delay_s, out=print)
 
 
+@app.command()
+def bench(
+    pending: Annotated[int, typer.Option(help="Far-future timers pre-loaded.")] = 100_000,
+    rate: Annotated[int, typer.Option(help="Timers falling due per second.")] = 1000,
+    duration: Annotated[float, typer.Option(help="Seconds of timers falling due.")] = 10.0,
+    burst: Annotated[int, typer.Option(help="Instead: this many timers due at one instant.")] = 0,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Server to make a scratch database on (default: temporary SQLite)."),
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis to use (default: a temporary redis-server).")
+    ] = None,
+    naive: Annotated[bool, typer.Option(help="Also run keyspace events alone.")] = False,
+    batch_size: Annotated[int, typer.Option(help="DELAYQ_BATCH_SIZE for the listener.")] = 500,
+    drain_timeout: Annotated[float, typer.Option(help="Seconds to wait past the last due.")] = 120,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the lateness here (PNG).")] = None,
+) -> None:
+    """Measure lateness and throughput with the real listener; see BENCHMARKS.md."""
+    from delayq.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        pending=pending,
+        rate=rate,
+        duration_s=duration,
+        burst=burst,
+        database_url=database_url,
+        redis_url=redis_url,
+        naive=naive,
+        drain_timeout_s=drain_timeout,
+        batch_size=batch_size,
+    )
+    run_bench(cfg, json_path=json_file, plot_path=plot, out=print)
+
+
 @embedded_app.command("stop")
 def embedded_stop(ctx: typer.Context) -> None:
     """Stop the embedded Redis (its append-only file keeps the timers)."""

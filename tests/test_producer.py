@@ -132,7 +132,9 @@ def test_rescheduling_a_pending_timer_to_now_removes_its_ttl_key(
     assert index_score(client, "SN1:cancel") == to_ms(due)
 
 
-def test_schedule_needs_exactly_one_of_delay_and_at(producer: Producer, client: redis.Redis) -> None:
+def test_schedule_needs_exactly_one_of_delay_and_at(
+    producer: Producer, client: redis.Redis
+) -> None:
     with pytest.raises(InvalidInput):
         producer.schedule("SN1")
     with pytest.raises(InvalidInput):

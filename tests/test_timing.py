@@ -213,7 +213,7 @@ def test_garbage_due_times_are_refused_with_a_hint(value: str) -> None:
         parse_due_at(value)
 
 
-@pytest.mark.parametrize("value", [date(2026, 12, 1), 1_790_000_000])
+@pytest.mark.parametrize("value", [date(2026, 12, 1), 1_790_000_000], ids=["date", "epoch-int"])
 def test_due_times_of_the_wrong_type_are_refused_as_invalid_input(value: object) -> None:
     # at=date(...) or at=<epoch seconds> are easy mistakes; they must be InvalidInput,
     # not an AttributeError from deep inside the library.

@@ -1,0 +1,531 @@
+"""`delayq bench`: how late timers fire and how many fire, measured on real processes.
+
+A run starts its own redis-server in a temporary directory (or uses --redis-url), makes a
+scratch database (a temporary SQLite file, or a `delayq_bench_<hex>` database created on
+the server named by --database-url and dropped afterwards), pre-loads far-future timers,
+schedules the measured timers (`--rate` per second for `--duration` seconds, or a
+`--burst` due at one instant), runs the real `delayq listen` as a subprocess, and reads
+the lateness of every firing from the outcomes the listener committed (fired_at - due_at).
+`--naive` runs the same workload again with keyspace events alone (TTL keys, one
+subscriber, one transaction per event), so the difference is measured in one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from delayq import migrate
+from delayq.actions import Applier, Firing
+from delayq.db import make_engine, outcomes
+from delayq.embedded import redis_server_binary
+from delayq.errors import InvalidInput, ServiceUnavailable
+from delayq.keys import Keys, timer_key
+from delayq.producer import Producer
+from delayq.settings import Settings, mask_url
+from delayq.timing import from_ms
+
+#: Seconds between scheduling the measured timers and the first of them falling due.
+LEAD_S = 3.0
+PRELOAD_CHUNK = 20_000
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    pending: int = 100_000
+    rate: int = 1000
+    duration_s: float = 10.0
+    burst: int = 0
+    database_url: str | None = None
+    redis_url: str | None = None
+    naive: bool = False
+    drain_timeout_s: float = 120.0
+    batch_size: int = 500
+
+    @property
+    def measured(self) -> int:
+        return self.burst or int(self.rate * self.duration_s)
+
+    def validate(self) -> None:
+        if self.pending < 0 or self.rate < 1 or self.duration_s <= 0 or self.burst < 0:
+            raise InvalidInput("--pending and --burst must be >= 0, --rate and --duration > 0")
+        if self.measured < 1:
+            raise InvalidInput("the run would fire no timer: raise --rate or --duration")
+
+
+@dataclass
+class RunResult:
+    mode: str
+    scheduled: int
+    fired: int
+    lost: int
+    duplicates: int
+    early: int
+    lateness_ms: dict[str, float]
+    throughput_per_s: float
+    drain_s: float
+    schedule_per_s: float
+    redis_bytes_per_pending: float
+    redis_peak_mb: float
+    listener_cpu_pct: float
+    samples: list[tuple[float, float]] = field(default_factory=list, repr=False)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": round(ordered[-1], 2)}
+
+
+# -- scratch servers ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def scratch_redis(url: str | None) -> Iterator[str]:
+    """The given Redis, or a private redis-server in a temporary directory."""
+    if url:
+        yield url
+        return
+    binary = redis_server_binary(Settings())
+    with tempfile.TemporaryDirectory(prefix="delayq-bench-redis-") as tmp:
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                tmp,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--notify-keyspace-events",
+                "Ex",
+                "--logfile",
+                str(Path(tmp) / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            _wait(lambda: _pings(url), 15, f"the bench's redis-server on port {port}")
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _pings(url: str) -> bool:
+    try:
+        with contextlib.closing(redis.Redis.from_url(url, socket_connect_timeout=1)) as c:
+            return bool(c.ping())
+    except redis.RedisError:
+        return False
+
+
+@contextlib.contextmanager
+def scratch_database(server_url: str | None) -> Iterator[str]:
+    """A temporary SQLite file, or a fresh database on the server of `server_url`."""
+    if not server_url or server_url.startswith("sqlite"):
+        with tempfile.TemporaryDirectory(prefix="delayq-bench-db-") as tmp:
+            yield f"sqlite:///{tmp}/bench.db"
+        return
+    url = sa.make_url(server_url)
+    name = f"delayq_bench_{uuid.uuid4().hex[:12]}"  # generated: safe as an identifier
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    except sa.exc.DBAPIError as exc:
+        raise ServiceUnavailable(
+            f"cannot create a scratch database on {mask_url(server_url)}: "
+            f"{str(exc.orig).splitlines()[0]}"
+        ) from None
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            if url.get_backend_name() == "postgresql":
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            else:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        admin.dispose()
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- one run -----------------------------------------------------------------------------
+
+
+class Run:
+    """One workload against one Redis and one database."""
+
+    def __init__(
+        self, cfg: BenchConfig, redis_url: str, database_url: str, mode: str, progress: Progress
+    ) -> None:
+        self.cfg = cfg
+        self.mode = mode
+        self.progress = progress
+        self.settings = Settings(
+            redis_url=redis_url, database_url=database_url, batch_size=cfg.batch_size
+        )
+        self.client = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.keys = Keys()
+        self.engine = make_engine(self.settings)
+        self.orders = [f"BENCH{i:024d}" for i in range(cfg.measured)]  # 29-char timer keys
+
+    def prepare(self) -> tuple[float, float]:
+        """Tables, orders, pending timers. Returns (bytes per pending timer, schedule/s)."""
+        self.client.flushdb()
+        migrate.upgrade(self.engine, self.settings)
+        task = self.progress.add_task("creating orders", total=len(self.orders))
+        with self.engine.begin() as conn:
+            for i in range(0, len(self.orders), 5000):
+                chunk = self.orders[i : i + 5000]
+                conn.execute(
+                    sa.text("INSERT INTO orders (order_sn, status) VALUES (:sn, 'unpaid')"),
+                    [{"sn": sn} for sn in chunk],
+                )
+                self.progress.advance(task, len(chunk))
+        before = int(self.client.info("memory")["used_memory"])
+        task = self.progress.add_task(
+            f"pre-loading {self.cfg.pending:,} pending", total=self.cfg.pending
+        )
+        started = time.perf_counter()
+        for i in range(0, self.cfg.pending, PRELOAD_CHUNK):
+            n = min(PRELOAD_CHUNK, self.cfg.pending - i)
+            self._preload(i, n)
+            self.progress.advance(task, n)
+        took = time.perf_counter() - started
+        after = int(self.client.info("memory")["used_memory"])
+        per_timer = (after - before) / self.cfg.pending if self.cfg.pending else 0.0
+        return per_timer, (self.cfg.pending / took if took else 0.0)
+
+    def _preload(self, start: int, n: int) -> None:
+        # Far future: a day ahead and later, spread one per 100 ms like real traffic.
+        items = [
+            (f"FAR{j:026d}", timedelta(days=1, milliseconds=100 * j))
+            for j in range(start, start + n)
+        ]
+        if self.mode == "delayq":
+            Producer(self.client, self.keys).schedule_many(items)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for sn, delay in items:
+                pipe.set(timer_key(sn, "cancel"), 1, px=int(delay.total_seconds() * 1000))
+            pipe.execute()
+
+    def schedule_measured(self) -> dict[str, int]:
+        """Schedule the measured timers; returns order -> due ms (Redis clock)."""
+        sec, usec = self.client.time()
+        t0 = sec * 1000 + usec // 1000 + int(LEAD_S * 1000)
+        if self.cfg.burst:
+            due = dict.fromkeys(self.orders, t0)
+        else:
+            step = 1000 / self.cfg.rate
+            due = {sn: t0 + int(i * step) for i, sn in enumerate(self.orders)}
+        if self.mode == "delayq":
+            Producer(self.client, self.keys).schedule_many(
+                (sn, from_ms(ms)) for sn, ms in due.items()
+            )
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for sn, ms in due.items():
+                pipe.set(timer_key(sn, "cancel"), 1, pxat=ms)
+            pipe.execute()
+        return due
+
+    def fired_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(outcomes)).scalar_one())
+
+    def collect(self, due: dict[str, int]) -> tuple[list[tuple[float, float]], int, int, int]:
+        """(due offset s, lateness ms) per applied firing, and fired, duplicates, early."""
+        t0 = min(due.values())
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    outcomes.c.order_sn, outcomes.c.due_at, outcomes.c.fired_at, outcomes.c.outcome
+                )
+            ).all()
+        samples = []
+        for row in rows:
+            late = (row.fired_at - row.due_at) / timedelta(milliseconds=1)
+            expected = due.get(row.order_sn)
+            offset = ((expected - t0) / 1000) if expected is not None else 0.0
+            samples.append((offset, late))
+        distinct = len({r.order_sn for r in rows})
+        early = sum(1 for _, late in samples if late < 0)
+        return samples, distinct, len(rows) - distinct, early
+
+    def close(self) -> None:
+        self.client.close()
+        self.engine.dispose()
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def listener_process(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELAYQ_")}
+    env.update(
+        DELAYQ_REDIS_URL=settings.redis_url or "",
+        DELAYQ_DATABASE_URL=settings.effective_database_url,
+        DELAYQ_BATCH_SIZE=str(settings.batch_size),
+    )
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "delayq.cli", "listen", "--log-level", "warning"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait(
+            lambda: proc.poll() is not None or _subscribed(settings),
+            30,
+            "the listener to subscribe",
+        )
+        if proc.poll() is not None:
+            raise ServiceUnavailable(f"the listener exited: {log_path.read_text()[-500:]}")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _subscribed(settings: Settings) -> bool:
+    with contextlib.closing(redis.Redis.from_url(settings.redis_url or "")) as c:
+        return int(c.execute_command("PUBSUB", "NUMPAT")) > 0
+
+
+class NaiveListener:
+    """The design delayq replaces: PSUBSCRIBE to expired events, one transaction each."""
+
+    def __init__(self, settings: Settings, due: dict[str, int]) -> None:
+        self.client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+        self.applier = Applier(make_engine(settings), settings)
+        self.due = due
+        self.stopping = threading.Event()
+        self.pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+        self.pubsub.psubscribe(Keys().expired_channel)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            msg = self.pubsub.get_message(timeout=0.2)
+            if msg and msg["type"] == "pmessage":
+                order_sn = msg["data"].rsplit(":", 1)[0]
+                if order_sn in self.due:
+                    self.applier.apply([Firing(msg["data"], self.due[order_sn])])
+
+    def __enter__(self) -> NaiveListener:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+        self.pubsub.close()
+        self.client.close()
+
+
+def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> RunResult:
+    with scratch_redis(cfg.redis_url) as redis_url, scratch_database(cfg.database_url) as db_url:
+        run = Run(cfg, redis_url, db_url, mode, progress)
+        try:
+            per_timer, schedule_rate = run.prepare()
+            listener_cm: Any
+            if mode == "delayq":
+                listener_cm = listener_process(run.settings, workdir / "listener.log")
+            else:
+                listener_cm = contextlib.nullcontext()
+            with listener_cm as proc:
+                cpu0 = _cpu_s(proc.pid) if proc else 0.0
+                wall0 = time.monotonic()
+                due = run.schedule_measured()
+                naive = NaiveListener(run.settings, due) if mode == "naive" else None
+                with naive or contextlib.nullcontext():
+                    task = progress.add_task(f"{mode}: firing {len(due):,}", total=len(due))
+                    last_due_s = (max(due.values()) - min(due.values())) / 1000 + LEAD_S
+                    deadline = time.monotonic() + last_due_s + cfg.drain_timeout_s
+                    fired = 0
+                    while fired < len(due) and time.monotonic() < deadline:
+                        time.sleep(0.25)
+                        fired = run.fired_count()
+                        progress.update(task, completed=fired)
+                drain_end = time.monotonic()
+                cpu = (_cpu_s(proc.pid) - cpu0) / (drain_end - wall0) * 100 if proc else 0.0
+            samples, distinct, duplicates, early = run.collect(due)
+            late = [s[1] for s in samples]
+            first_due = LEAD_S
+            span = max(0.001, drain_end - wall0 - first_due)
+            peak = int(run.client.info("memory")["used_memory_peak"]) / 1e6
+            return RunResult(
+                mode=mode,
+                scheduled=len(due),
+                fired=distinct,
+                lost=len(due) - distinct,
+                duplicates=duplicates,
+                early=early,
+                lateness_ms=percentiles(late),
+                throughput_per_s=round(distinct / span, 1),
+                drain_s=round(span, 2),
+                schedule_per_s=round(schedule_rate),
+                redis_bytes_per_pending=round(per_timer, 1),
+                redis_peak_mb=round(peak, 1),
+                listener_cpu_pct=round(cpu, 1),
+                samples=samples,
+            )
+        finally:
+            run.close()
+
+
+def run_bench(
+    cfg: BenchConfig, *, json_path: Path | None, plot_path: Path | None, out: Callable[[str], None]
+) -> dict[str, Any]:
+    cfg.validate()
+    if plot_path is not None and not _has_matplotlib():
+        raise InvalidInput("--plot needs matplotlib: pip install 'delayq[bench]'")
+    results: list[RunResult] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="delayq-bench-") as tmp,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=True,
+        ) as progress,
+    ):
+        for mode in ["delayq", "naive"] if cfg.naive else ["delayq"]:
+            results.append(run_once(cfg, mode, progress, Path(tmp)))
+    report = {
+        "machine": _machine(),
+        "config": asdict(cfg)
+        | {
+            "database_url": mask_url(cfg.database_url or "sqlite (temporary)"),
+            "redis_url": mask_url(cfg.redis_url or "redis-server (temporary)"),
+        },
+        "runs": [{k: v for k, v in asdict(r).items() if k != "samples"} for r in results],
+    }
+    for r in results:
+        out(_summary(r))
+    if cfg.naive and results[1].lateness_ms and results[0].lateness_ms:
+        ratio = results[1].lateness_ms["p99"] / max(results[0].lateness_ms["p99"], 0.01)
+        report["naive_p99_ratio"] = round(ratio, 1)
+        out(f"naive p99 / delayq p99: {ratio:,.0f}x")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        out(f"wrote {json_path}")
+    if plot_path:
+        plot(results, plot_path, burst=bool(cfg.burst))
+        out(f"wrote {plot_path}")
+    return report
+
+
+def _summary(r: RunResult) -> str:
+    lat = r.lateness_ms
+    lat_text = " ".join(f"{k} {v:,.1f}" for k, v in lat.items()) if lat else "n/a"
+    return (
+        f"{r.mode}: fired {r.fired:,}/{r.scheduled:,}, lost {r.lost:,}, duplicates {r.duplicates}, "
+        f"early {r.early}; lateness ms {lat_text}; {r.throughput_per_s:,.0f}/s; "
+        f"Redis {r.redis_bytes_per_pending:.0f} B/pending timer, peak {r.redis_peak_mb:.0f} MB; "
+        f"listener CPU {r.listener_cpu_pct:.0f}%; scheduling {r.schedule_per_s:,.0f}/s"
+    )
+
+
+def _has_matplotlib() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("matplotlib") is not None
+
+
+def plot(results: list[RunResult], path: Path, *, burst: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (hist, over_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        late = [s[1] for s in r.samples]
+        if late:
+            hist.hist(late, bins=100, histtype="step", label=r.mode, log=True)
+            over_time.plot([s[0] for s in r.samples], late, ".", markersize=1.5, label=r.mode)
+    hist.set_xlabel("lateness (ms, due -> applied)")
+    hist.set_ylabel("timers")
+    hist.legend()
+    over_time.set_xlabel("time since the first due time (s)" if not burst else "burst (s)")
+    over_time.set_ylabel("lateness (ms)")
+    over_time.set_yscale("symlog", linthresh=10)
+    over_time.legend()
+    fig.suptitle("delayq bench: lateness of fired timers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }

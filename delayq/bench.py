@@ -351,7 +351,7 @@ def listener_process(settings: Settings, log_path: Path) -> Iterator[subprocess.
 
 def _subscribed(settings: Settings) -> bool:
     with contextlib.closing(redis.Redis.from_url(settings.redis_url or "")) as c:
-        return int(c.execute_command("PUBSUB", "NUMPAT")) > 0
+        return int(c.pubsub_numpat()) > 0
 
 
 class NaiveListener:
@@ -455,7 +455,7 @@ def run_bench(
     ):
         for mode in ["delayq", "naive"] if cfg.naive else ["delayq"]:
             results.append(run_once(cfg, mode, progress, Path(tmp)))
-    report = {
+    report: dict[str, Any] = {
         "machine": _machine(),
         "config": asdict(cfg)
         | {

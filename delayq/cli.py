@@ -194,7 +194,9 @@ def bench(
     naive: Annotated[bool, typer.Option(help="Also run keyspace events alone.")] = False,
     batch_size: Annotated[int, typer.Option(help="DELAYQ_BATCH_SIZE for the listener.")] = 500,
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait past the last due.")] = 120,
-    json_file: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the figures here.")
+    ] = None,
     plot: Annotated[Path | None, typer.Option(help="Draw the lateness here (PNG).")] = None,
 ) -> None:
     """Measure lateness and throughput with the real listener; see BENCHMARKS.md."""

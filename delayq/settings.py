@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import redis.connection
 from dotenv import dotenv_values
+from sqlalchemy.engine import make_url as sa_make_url
 
 from delayq.errors import InvalidInput
 
@@ -18,6 +21,7 @@ ENV_PREFIX = "DELAYQ_"
 _IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _QUALIFIED_RE = re.compile(rf"(?:{_IDENTIFIER_RE.pattern}\.)?{_IDENTIFIER_RE.pattern}")
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_SECRET_PARAMS = {"password", "passwd", "pwd", "secret", "token"}
 
 
 def _default_home() -> Path:
@@ -26,17 +30,26 @@ def _default_home() -> Path:
 
 
 def mask_url(url: str | None) -> str:
-    """The URL with its password replaced by ***, safe for logs and error messages."""
+    """The URL with any password (in the user part or the query) replaced by ***, safe
+    for logs and error messages. Works on malformed URLs too: it never raises."""
     if not url:
         return "(embedded)"
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*/:"
+        )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # urlunsplit would turn sqlite:////abs/path into sqlite://abs/path
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @dataclass(frozen=True)
@@ -123,13 +136,17 @@ class Settings:
         for name in ("status_unpaid", "status_paid", "status_cancelled", "status_completed"):
             if not 0 < len(getattr(self, name)) <= 32:
                 raise InvalidInput(f"DELAYQ_{name.upper()}: must be 1-32 characters")
-        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
-            raise InvalidInput(
-                f"DELAYQ_REDIS_URL: {mask_url(self.redis_url)} is not a redis://, rediss:// "
-                "or unix:// URL"
-            )
+        self._validate_urls()
         if not 1 <= self.batch_size <= 10_000:
             raise InvalidInput("DELAYQ_BATCH_SIZE: must be between 1 and 10000")
+        for name in (
+            "lease_s",
+            "retry_backoff_s",
+            "retry_backoff_max_s",
+            "reconnect_backoff_max_s",
+        ):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidInput(f"DELAYQ_{name.upper()}: must be a finite number of seconds")
         if self.lease_s < 1:
             raise InvalidInput("DELAYQ_LEASE_S: must be at least 1 second")
         if self.max_attempts < 1:
@@ -140,6 +157,29 @@ class Settings:
             )
         if self.reconnect_backoff_max_s <= 0:
             raise InvalidInput("DELAYQ_RECONNECT_BACKOFF_MAX_S: must be > 0")
+
+    def _validate_urls(self) -> None:
+        # Checked here, before anything connects or the embedded Redis starts.
+        if self.redis_url:
+            bad = urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix")
+            try:
+                redis.connection.parse_url(self.redis_url)  # type: ignore[no-untyped-call]
+            except ValueError:
+                bad = True
+            if bad:
+                raise InvalidInput(
+                    f"DELAYQ_REDIS_URL: {mask_url(self.redis_url)} is not a valid redis://, "
+                    "rediss:// or unix:// URL"
+                )
+        if self.database_url:
+            try:
+                url = sa_make_url(self.database_url)
+                _ = url.port
+            except Exception:
+                raise InvalidInput(
+                    f"DELAYQ_DATABASE_URL: {mask_url(self.database_url)} is not a valid "
+                    "SQLAlchemy URL (e.g. mysql+pymysql://user:password@host:3306/shop)"
+                ) from None
 
 
 def _convert(name: str, type_name: Any, raw: str) -> Any:

@@ -42,7 +42,12 @@ def parse_delay_ms(delay: Delay) -> int:
     if isinstance(delay, timedelta):
         seconds = delay.total_seconds()
     elif isinstance(delay, int | float):
-        seconds = float(delay)
+        try:
+            seconds = float(delay)
+        except OverflowError:
+            raise InvalidInput(
+                f"invalid duration {delay!r}: must be between 0 and 10 years"
+            ) from None
     elif isinstance(delay, str):
         seconds = _parse_duration_string(delay)
     else:
@@ -82,6 +87,8 @@ def parse_due_at(value: datetime | str) -> datetime:
             raise InvalidInput(
                 f"invalid time {value!r}: use ISO 8601 with a zone, e.g. 2026-12-01T10:00:00Z"
             ) from None
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"invalid time {value!r}: give an aware datetime or an ISO 8601 string")
     if value.tzinfo is None:
         raise InvalidInput(f"time {value.isoformat()} has no zone: add Z or an offset like +01:00")
     return value.astimezone(UTC)

@@ -57,7 +57,9 @@ class BenchConfig:
     redis_url: str | None = None
     naive: bool = False
     drain_timeout_s: float = 120.0
-    batch_size: int = 500
+    #: Listener settings under test (None: the defaults).
+    batch_size: int | None = None
+    appliers: int | None = None
 
     @property
     def measured(self) -> int:
@@ -210,8 +212,11 @@ class Run:
         self.cfg = cfg
         self.mode = mode
         self.progress = progress
+        tuned: dict[str, Any] = {"batch_size": cfg.batch_size, "appliers": cfg.appliers}
         self.settings = Settings(
-            redis_url=redis_url, database_url=database_url, batch_size=cfg.batch_size
+            redis_url=redis_url,
+            database_url=database_url,
+            **{k: v for k, v in tuned.items() if v is not None},
         )
         self.client = redis.Redis.from_url(redis_url, decode_responses=True)
         self.keys = Keys()
@@ -322,6 +327,7 @@ def listener_process(settings: Settings, log_path: Path) -> Iterator[subprocess.
         DELAYQ_REDIS_URL=settings.redis_url or "",
         DELAYQ_DATABASE_URL=settings.effective_database_url,
         DELAYQ_BATCH_SIZE=str(settings.batch_size),
+        DELAYQ_APPLIERS=str(settings.appliers),
     )
     with log_path.open("ab") as log:
         proc = subprocess.Popen(

@@ -192,7 +192,10 @@ def bench(
         str | None, typer.Option(help="Redis to use (default: a temporary redis-server).")
     ] = None,
     naive: Annotated[bool, typer.Option(help="Also run keyspace events alone.")] = False,
-    batch_size: Annotated[int, typer.Option(help="DELAYQ_BATCH_SIZE for the listener.")] = 500,
+    batch_size: Annotated[
+        int | None, typer.Option(help="DELAYQ_BATCH_SIZE for the listener.")
+    ] = None,
+    appliers: Annotated[int | None, typer.Option(help="DELAYQ_APPLIERS for the listener.")] = None,
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait past the last due.")] = 120,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here.")
@@ -212,6 +215,7 @@ def bench(
         naive=naive,
         drain_timeout_s=drain_timeout,
         batch_size=batch_size,
+        appliers=appliers,
     )
     run_bench(cfg, json_path=json_file, plot_path=plot, out=print)
 

@@ -19,12 +19,13 @@ the firing in Redis, where a lease makes it claimable again.
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 
 import redis
 import sqlalchemy as sa
@@ -100,6 +101,7 @@ class Listener:
         self.redis_outage = Outage(f"Redis at {mask_url(settings.redis_url)}")
         self.db_outage = Outage(f"database at {mask_url(settings.effective_database_url)}")
         self.fired: Counter[tuple[str, str]] = Counter()
+        self.claimed_here = RecentKeys()
 
     def stop(self) -> None:
         """Ask the listener to stop: called from a signal handler, so it only sets flags."""
@@ -108,18 +110,27 @@ class Listener:
 
     def run(self) -> None:
         """Run until stop(): then finish the batch in hand and give back the rest."""
+        try:
+            self.applier.warm_up()
+        except sa.exc.SQLAlchemyError as exc:
+            self.db_outage.failed(exc)
+        # Everything loaded so far lives as long as the process: keep it out of the
+        # collector's full passes, which otherwise stall the loop for tens of ms.
+        gc.freeze()
         feeders = [
             threading.Thread(target=self._subscribe_loop, name="delayq-subscriber", daemon=True),
             threading.Thread(target=self._claim_loop, name="delayq-claimer", daemon=True),
         ]
-        applier = threading.Thread(target=self._apply_loop, name="delayq-applier", daemon=True)
-        for t in [*feeders, applier]:
+        appliers = [
+            threading.Thread(target=self._apply_loop, name=f"delayq-applier-{n}", daemon=True)
+            for n in range(self.settings.appliers)
+        ]
+        for t in [*feeders, *appliers]:
             t.start()
         while not self.stopping.wait(0.5):
             pass
-        for t in feeders:
+        for t in [*feeders, *appliers]:
             t.join()
-        applier.join()
         log.info("stopped")
 
     # -- claimer -------------------------------------------------------------------------
@@ -153,7 +164,9 @@ class Listener:
             keys=[self.keys.due, self.keys.inflight, self.keys.inflight_due],
             args=[self.settings.batch_size, self.lease_ms],
         )
-        return int(raw[0]), int(raw[1]), _firings(raw[2:])
+        firings = _firings(raw[3:], reclaimed=int(raw[2]))
+        self.claimed_here.add(f.key for f in firings)
+        return int(raw[0]), int(raw[1]), firings
 
     # -- subscriber ----------------------------------------------------------------------
 
@@ -205,6 +218,8 @@ class Listener:
                 elif msg["type"] == "message":
                     self.wake.set()
                 msg = pubsub.get_message(timeout=0)
+            # Our own claims' keys expire as they are claimed: no need to ask Redis.
+            expired = [key for key in expired if key not in self.claimed_here]
             if expired:
                 self.claim_expired(expired)
 
@@ -333,8 +348,37 @@ class Listener:
         log.log(level, "fired %d in %.1f ms: %s%s", len(outcomes), took_s * 1000, summary, lateness)
 
 
-def _firings(flat: Sequence[object]) -> list[Firing]:
-    return [Firing(str(flat[i]), int(float(str(flat[i + 1])))) for i in range(0, len(flat), 2)]
+def _firings(flat: Sequence[object], reclaimed: int = 0) -> list[Firing]:
+    """Firings from a script's flat [key, due, ...] reply; the first `reclaimed` were
+    claimed before."""
+    return [
+        Firing(str(flat[i]), int(float(str(flat[i + 1]))), i < 2 * reclaimed)
+        for i in range(0, len(flat), 2)
+    ]
+
+
+class RecentKeys:
+    """Keys this listener claimed in the last `window_s` seconds (thread-safe)."""
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self._since: dict[str, float] = {}
+        self._order: deque[tuple[float, str]] = deque()
+
+    def add(self, keys: Iterable[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                self._since[key] = now
+                self._order.append((now, key))
+            while self._order and self._order[0][0] < now - self.window_s:
+                t, key = self._order.popleft()
+                if self._since.get(key) == t:
+                    del self._since[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._since
 
 
 def _is_transient(exc: sa.exc.SQLAlchemyError) -> bool:

@@ -76,7 +76,9 @@ class Settings:
     cancelled_at_column: str = "cancelled_at"
     updated_at_column: str = "updated_at"
     #: Most timers applied in one database transaction.
-    batch_size: int = 500
+    batch_size: int = 1000
+    #: Threads applying batches: while one waits for its commit, the next batch is built.
+    appliers: int = 2
     #: How long a listener owns a claimed timer before another listener may take it over.
     lease_s: float = 60.0
     #: Failed attempts (database down, action error) before a timer is dead-lettered.
@@ -147,6 +149,8 @@ class Settings:
         ):
             if not math.isfinite(getattr(self, name)):
                 raise InvalidInput(f"DELAYQ_{name.upper()}: must be a finite number of seconds")
+        if not 1 <= self.appliers <= 16:
+            raise InvalidInput("DELAYQ_APPLIERS: must be between 1 and 16")
         if self.lease_s < 1:
             raise InvalidInput("DELAYQ_LEASE_S: must be at least 1 second")
         if self.max_attempts < 1:

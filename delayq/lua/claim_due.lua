@@ -2,18 +2,20 @@
 -- failed attempt is waiting for its retry). A claimed timer moves from the due index to
 -- the in-flight set with a lease; it leaves Redis only when its outcome is committed.
 -- KEYS: due index, in-flight set, in-flight due hash.  ARGV: limit, lease ms.
--- Returns {now ms, next wake-up ms or -1, key1, due1, key2, due2, ...}.
+-- Returns {now ms, next wake-up ms or -1, n, key1, due1, key2, due2, ...}: the first n
+-- timers were claimed before (their lease ran out), so they may have fired already.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[1])
 local lease_until = now + tonumber(ARGV[2])
-local out = {now, -1}
+local out = {now, -1, 0}
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
 for _, key in ipairs(stale) do
   redis.call('ZADD', KEYS[2], lease_until, key)
   out[#out + 1] = key
   out[#out + 1] = redis.call('HGET', KEYS[3], key) or now
 end
+out[3] = #stale
 if #stale < limit then
   -- Due means due <= now in whole ms of Redis's clock: never before the due time.
   local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0,

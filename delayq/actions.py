@@ -8,6 +8,7 @@ recognised by its (order_sn, action, due_at) and not applied twice.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,20 +125,7 @@ class Applier:
             for action, order_sns in to_apply.items():
                 self._update(conn, self.actions[action], order_sns, fired_at)
             if results:
-                conn.execute(
-                    outcomes.insert(),
-                    [
-                        {
-                            "order_sn": r.order_sn,
-                            "action": r.action[:32],
-                            "due_at": _due_at(r.firing),
-                            "fired_at": r.fired_at,
-                            "outcome": r.outcome,
-                            "detail": None,
-                        }
-                        for r in results
-                    ],
-                )
+                conn.execute(outcomes.insert(), [_outcome_row(r) for r in results])
         skipped = [
             Outcome(f, sn, a, ALREADY_RECORDED, fired_at)
             for (f, sn, a) in parsed
@@ -145,14 +133,23 @@ class Applier:
         ]
         return results + skipped
 
-    def warm_up(self) -> None:
-        """Open a pooled connection and compile the batch's statements, so that the first
-        timer to fire does not pay for them."""
-        with self.engine.begin() as conn:
-            self._lock_orders(conn, {"delayq-warm-up"})
-            self._recorded(
-                conn, [(Firing("delayq-warm-up:cancel", 0, True), "delayq-warm-up", "cancel")]
-            )
+    def warm_up(self, connections: int = 1) -> None:
+        """Open `connections` pooled connections and run every statement of a batch on
+        each, rolled back, so that the first timers to fire pay for none of it."""
+        probe = Firing("delayq-warm-up:cancel", 0, reclaimed=True)
+        with contextlib.ExitStack() as stack:
+            for _ in range(connections):
+                conn = stack.enter_context(self.engine.connect())
+                with conn.begin() as tx:
+                    self._recorded(conn, [(probe, "delayq-warm-up", "cancel")])
+                    self._lock_orders(conn, {"delayq-warm-up"})
+                    now = self.clock()
+                    self._update(conn, self.actions["cancel"], ["delayq-warm-up"], now)
+                    conn.execute(
+                        outcomes.insert(),
+                        [_outcome_row(Outcome(probe, "delayq-warm-up", "cancel", "warm_up", now))],
+                    )
+                    tx.rollback()
 
     def _verdict(self, firing: Firing, order_sn: str, action: str, statuses: dict[str, str]) -> str:
         if action == "?":
@@ -207,6 +204,17 @@ class Applier:
             .where(key.in_(order_sns), status == action.from_status)
             .values(values)
         )
+
+
+def _outcome_row(r: Outcome) -> dict[str, object]:
+    return {
+        "order_sn": r.order_sn,
+        "action": r.action[:32],
+        "due_at": _due_at(r.firing),
+        "fired_at": r.fired_at,
+        "outcome": r.outcome,
+        "detail": None,
+    }
 
 
 def _due_at(firing: Firing) -> datetime:

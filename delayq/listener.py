@@ -111,7 +111,7 @@ class Listener:
     def run(self) -> None:
         """Run until stop(): then finish the batch in hand and give back the rest."""
         try:
-            self.applier.warm_up()
+            self.applier.warm_up(self.settings.appliers)
         except sa.exc.SQLAlchemyError as exc:
             self.db_outage.failed(exc)
         # Everything loaded so far lives as long as the process: keep it out of the

@@ -100,6 +100,9 @@ class Listener:
         self.max_backlog = settings.batch_size * 4
         self.redis_outage = Outage(f"Redis at {mask_url(settings.redis_url)}")
         self.db_outage = Outage(f"database at {mask_url(settings.effective_database_url)}")
+        # SQLite has one writer at a time, and a second one waits in its busy handler's
+        # sleeps (1, 2, 5, 10 ... ms): parallel appliers there only add lateness.
+        self.appliers = 1 if engine.dialect.name == "sqlite" else settings.appliers
         self.fired: Counter[tuple[str, str]] = Counter()
         self.claimed_here = RecentKeys()
 
@@ -111,7 +114,7 @@ class Listener:
     def run(self) -> None:
         """Run until stop(): then finish the batch in hand and give back the rest."""
         try:
-            self.applier.warm_up(self.settings.appliers)
+            self.applier.warm_up(self.appliers)
         except sa.exc.SQLAlchemyError as exc:
             self.db_outage.failed(exc)
         # Everything loaded so far lives as long as the process: keep it out of the
@@ -123,7 +126,7 @@ class Listener:
         ]
         appliers = [
             threading.Thread(target=self._apply_loop, name=f"delayq-applier-{n}", daemon=True)
-            for n in range(self.settings.appliers)
+            for n in range(self.appliers)
         ]
         for t in [*feeders, *appliers]:
             t.start()

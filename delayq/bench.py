@@ -84,8 +84,9 @@ class RunResult:
     throughput_per_s: float
     drain_s: float
     schedule_per_s: float
-    redis_bytes_per_pending: float
+    redis_bytes_per_pending: float | None
     redis_peak_mb: float
+    redis_version: str
     listener_cpu_pct: float
     samples: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
@@ -221,10 +222,11 @@ class Run:
         self.client = redis.Redis.from_url(redis_url, decode_responses=True)
         self.keys = Keys()
         self.engine = make_engine(self.settings)
+        self.scheduling_s = 0.0  # time spent in schedule_many (or SET for naive)
         self.orders = [f"BENCH{i:024d}" for i in range(cfg.measured)]  # 29-char timer keys
 
-    def prepare(self) -> tuple[float, float]:
-        """Tables, orders, pending timers. Returns (bytes per pending timer, schedule/s)."""
+    def prepare(self) -> float:
+        """Tables, orders, pending timers. Returns Redis bytes per pending timer."""
         self.client.flushdb()
         migrate.upgrade(self.engine, self.settings)
         task = self.progress.add_task("creating orders", total=len(self.orders))
@@ -247,8 +249,9 @@ class Run:
             self.progress.advance(task, n)
         took = time.perf_counter() - started
         after = int(self.client.info("memory")["used_memory"])
-        per_timer = (after - before) / self.cfg.pending if self.cfg.pending else 0.0
-        return per_timer, (self.cfg.pending / took if took else 0.0)
+        per_timer = (after - before) / self.cfg.pending if self.cfg.pending else float("nan")
+        self.scheduling_s += took
+        return per_timer
 
     def _preload(self, start: int, n: int) -> None:
         # Far future: a day ahead and later, spread one per 100 ms like real traffic.
@@ -273,6 +276,7 @@ class Run:
         else:
             step = 1000 / self.cfg.rate
             due = {sn: t0 + int(i * step) for i, sn in enumerate(self.orders)}
+        started = time.perf_counter()
         if self.mode == "delayq":
             Producer(self.client, self.keys).schedule_many(
                 (sn, from_ms(ms)) for sn, ms in due.items()
@@ -282,6 +286,7 @@ class Run:
             for sn, ms in due.items():
                 pipe.set(timer_key(sn, "cancel"), 1, pxat=ms)
             pipe.execute()
+        self.scheduling_s += time.perf_counter() - started
         return due
 
     def fired_count(self) -> int:
@@ -395,7 +400,7 @@ def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> 
     with scratch_redis(cfg.redis_url) as redis_url, scratch_database(cfg.database_url) as db_url:
         run = Run(cfg, redis_url, db_url, mode, progress)
         try:
-            per_timer, schedule_rate = run.prepare()
+            per_timer = run.prepare()
             listener_cm: Any
             if mode == "delayq":
                 listener_cm = listener_process(run.settings, workdir / "listener.log")
@@ -432,9 +437,10 @@ def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> 
                 lateness_ms=percentiles(late),
                 throughput_per_s=round(distinct / span, 1),
                 drain_s=round(span, 2),
-                schedule_per_s=round(schedule_rate),
-                redis_bytes_per_pending=round(per_timer, 1),
+                schedule_per_s=round((cfg.pending + len(due)) / max(run.scheduling_s, 1e-9)),
+                redis_bytes_per_pending=round(per_timer, 1) if cfg.pending else None,
                 redis_peak_mb=round(peak, 1),
+                redis_version=str(run.client.info("server")["redis_version"]),
                 listener_cpu_pct=round(cpu, 1),
                 samples=samples,
             )
@@ -487,11 +493,13 @@ def run_bench(
 
 def _summary(r: RunResult) -> str:
     lat = r.lateness_ms
+    per_timer = "n/a" if r.redis_bytes_per_pending is None else f"{r.redis_bytes_per_pending:.0f}"
     lat_text = " ".join(f"{k} {v:,.1f}" for k, v in lat.items()) if lat else "n/a"
     return (
-        f"{r.mode}: fired {r.fired:,}/{r.scheduled:,}, lost {r.lost:,}, duplicates {r.duplicates}, "
+        f"{r.mode}: fired {r.fired:,}/{r.scheduled:,}, lost {r.lost:,} (not fired by the end), "
+        f"duplicates {r.duplicates}, "
         f"early {r.early}; lateness ms {lat_text}; {r.throughput_per_s:,.0f}/s; "
-        f"Redis {r.redis_bytes_per_pending:.0f} B/pending timer, peak {r.redis_peak_mb:.0f} MB; "
+        f"Redis {per_timer} B/pending timer, peak {r.redis_peak_mb:.0f} MB; "
         f"listener CPU {r.listener_cpu_pct:.0f}%; scheduling {r.schedule_per_s:,.0f}/s"
     )
 
@@ -530,7 +538,14 @@ def plot(results: list[RunResult], path: Path, *, burst: bool) -> None:
 def _machine() -> dict[str, Any]:
     import platform
 
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
     return {
+        "cpu": cpu,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -1,0 +1,77 @@
+"""A smoke run of `delayq bench`: the real listener fires everything, and the JSON report
+has the shape BENCHMARKS.md relies on. Speed itself is measured by the benchmark, not
+asserted here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pymysql
+
+from tests.harness import clean_env, run_cli
+
+RUN_FIELDS = {
+    "mode", "scheduled", "fired", "lost", "duplicates", "early", "lateness_ms",
+    "throughput_per_s", "drain_s", "schedule_per_s", "redis_bytes_per_pending",
+    "redis_peak_mb", "redis_version", "listener_cpu_pct",
+}  # fmt: skip
+
+
+def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
+    out = tmp_path / "bench.json"
+    env = clean_env(HOME=str(tmp_path / "home"))
+    done = run_cli("bench", "--json", str(out), *args, env=env, cwd=tmp_path, timeout_s=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report: dict[str, object] = json.loads(out.read_text())
+    return report
+
+
+def test_bench_smoke_run_fires_every_timer_once_and_reports_its_figures(tmp_path: Path) -> None:
+    report = _bench(
+        tmp_path, "--pending", "2000", "--rate", "300", "--duration", "1", "--naive",
+        "--plot", str(tmp_path / "bench.png"),
+    )  # fmt: skip
+    assert set(report) == {"machine", "config", "runs", "naive_p99_ratio"}
+    runs = report["runs"]
+    assert isinstance(runs, list) and [r["mode"] for r in runs] == ["delayq", "naive"]
+    for run in runs:
+        assert set(run) == RUN_FIELDS
+        assert run["scheduled"] == 300
+        assert set(run["lateness_ms"]) == {"p50", "p90", "p99", "max"}
+    delayq = runs[0]
+    assert (delayq["fired"], delayq["lost"], delayq["duplicates"], delayq["early"]) == (
+        300,
+        0,
+        0,
+        0,
+    )
+    assert delayq["redis_bytes_per_pending"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def _bench_databases() -> set[str]:
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW DATABASES LIKE 'delayq\\_bench\\_%%'")
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def test_bench_on_mariadb_makes_and_drops_its_own_scratch_database(
+    tmp_path: Path, mariadb_url: str
+) -> None:
+    before = _bench_databases()
+    report = _bench(tmp_path, "--pending", "0", "--burst", "500", "--database-url", mariadb_url)
+    (run,) = report["runs"]  # type: ignore[misc]
+    assert (run["fired"], run["lost"], run["duplicates"]) == (500, 0, 0)
+    assert _bench_databases() == before
+
+
+def test_bench_refuses_a_workload_that_fires_nothing(tmp_path: Path) -> None:
+    env = clean_env(HOME=str(tmp_path / "home"))
+    done = run_cli("bench", "--rate", "0", env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("delayq: error:") and "Traceback" not in done.stderr

@@ -16,6 +16,8 @@ from typer.exceptions import TyperException
 from delayq.context import Delayq
 from delayq.errors import DelayqError, InvalidInput
 from delayq.keys import timer_key
+from delayq.logs import setup_logging
+from delayq.observe import parse_address, serve
 from delayq.settings import Settings
 from delayq.timing import parse_delay_ms, parse_due_at
 
@@ -100,14 +102,24 @@ def listen(
     configure_redis: Annotated[
         bool, typer.Option(help="Turn on notify-keyspace-events Ex with CONFIG SET if it is off.")
     ] = False,
+    http: Annotated[
+        str | None,
+        typer.Option(help="Serve /metrics, /healthz, /readyz and the dashboard on HOST:PORT."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[
+        str, typer.Option(help="plain, json, or auto (json when stderr is not a terminal).")
+    ] = "auto",
 ) -> None:
     """Fire timers as they fall due, until SIGTERM or Ctrl-C."""
-    _setup_logging(log_level)
+    setup_logging(log_level, log_format)
     dq = _dq(ctx)
+    http = http or dq.settings.http
+    address = parse_address(http) if http else None
     for line in dq.check(configure_redis=configure_redis):
         logging.getLogger("delayq").info(line)
     listener = dq.listener()
+    server = serve(listener, address, dq.settings.dashboard_token) if address else None
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         # Only a flag: the loops finish the batch in hand and give back the rest.
@@ -115,7 +127,11 @@ def listen(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    listener.run()
+    try:
+        listener.run()
+    finally:
+        if server is not None:
+            server.shutdown()
 
 
 @app.command()
@@ -140,7 +156,11 @@ def status(
         print(json.dumps(figures, indent=2))
         return
     for name, value in figures.items():
-        if name == "dead_letters":
+        if name == "listeners":
+            print(f"listeners alive: {len(value)}")
+            for lst in value:
+                print(f"  {lst['id']} (seen {lst['last_seen_s']} s ago)")
+        elif name == "dead_letters":
             for d in value:
                 print(f"  dead: {d['timer']} due {d['due_at']}", end="")
                 print(f" after {d['attempts']} attempts: {d['error']}")
@@ -151,6 +171,25 @@ def status(
             )
         else:
             print(f"{name.replace('_', ' ')}: {value}")
+
+
+@app.command()
+def inspect(
+    ctx: typer.Context,
+    order_sn: str,
+    action: ActionOpt = "cancel",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """One timer: its state, due time, TTL, claim, dead letter and last outcome."""
+    timer_key(order_sn, action)  # refuse bad input before connecting
+    info = _dq(ctx).inspect(order_sn, action)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for name, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        print(f"{name.replace('_', ' ')}: {'-' if value is None else value}")
 
 
 @app.command("retry-dead")
@@ -174,7 +213,7 @@ def demo(
     """Create three orders, schedule them, pay one, cancel one timer, watch the listener."""
     from delayq.demo import run_demo
 
-    _setup_logging("warning")
+    setup_logging("warning", "plain")
     run_demo(_dq(ctx), delay_s=delay_s, out=print)
 
 
@@ -227,16 +266,6 @@ def embedded_stop(ctx: typer.Context) -> None:
 
     settings = _dq(ctx).settings
     print("stopped" if stop_embedded_redis(settings) else "not running")
-
-
-def _setup_logging(level: str) -> None:
-    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise InvalidInput(f"invalid log level {level!r}: use debug, info, warning or error")
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

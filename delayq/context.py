@@ -15,7 +15,8 @@ from sqlalchemy.engine import Engine
 from delayq import db, migrate
 from delayq.actions import utcnow
 from delayq.errors import ServiceUnavailable
-from delayq.keys import Keys
+from delayq.figures import redis_figures
+from delayq.keys import Keys, timer_key
 from delayq.listener import Listener
 from delayq.producer import Producer
 from delayq.redis_conn import Scripts, check_notifications, connect, keys_for
@@ -76,42 +77,78 @@ class Delayq:
 
     def status(self) -> dict[str, Any]:
         """Pending, due, in-flight and dead-lettered timers, and recent outcomes."""
-        k = self.keys
         try:
-            sec, usec = self.redis.time()
-            now_ms = sec * 1000 + usec // 1000
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zcard(k.due)
-            pipe.zrange(k.due, 0, 0, withscores=True)
-            pipe.zcount(k.due, "-inf", now_ms)
-            pipe.zcard(k.inflight)
-            pipe.hgetall(k.dead)
-            pending, head, overdue, inflight, dead = pipe.execute()
+            figures = redis_figures(self.redis, self.keys)
         except redis.RedisError as exc:
             raise ServiceUnavailable(
                 f"Redis at {mask_url(self.redis_url)} is not reachable: {exc}"
             ) from None
-        dead_list = []
-        for key, raw in sorted(dead.items()):
-            entry = json.loads(raw)
-            dead_list.append(
-                {
-                    "timer": key,
-                    "due_at": from_ms(int(entry["due_ms"])).isoformat(),
-                    "attempts": entry["attempts"],
-                    "error": entry["error"],
-                }
-            )
         return {
             "redis": mask_url(self.redis_url),
             "database": mask_url(self.settings.effective_database_url),
-            "pending": pending,
-            "next_due_at": from_ms(int(head[0][1])).isoformat() if head else None,
-            "overdue": overdue,
-            "in_flight": inflight,
-            "dead_lettered": len(dead_list),
-            "dead_letters": dead_list,
+            **figures,
             "outcomes_last_hour": self._recent_outcomes(),
+        }
+
+    def inspect(self, order_sn: str, action: str) -> dict[str, Any]:
+        """Everything known about one timer: due time, TTL, claim, dead letter, last outcome."""
+        key = timer_key(order_sn, action)
+        k = self.keys
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zscore(k.due, key)
+            pipe.pttl(key)
+            pipe.zscore(k.inflight, key)
+            pipe.hget(k.inflight_due, key)
+            pipe.hget(k.attempts, key)
+            pipe.hget(k.dead, key)
+            due, ttl_ms, lease, claimed_due, attempts, dead = pipe.execute()
+        except redis.RedisError as exc:
+            raise ServiceUnavailable(
+                f"Redis at {mask_url(self.redis_url)} is not reachable: {exc}"
+            ) from None
+        if lease is not None:
+            state = "in_flight"
+        elif due is not None:
+            state = "pending"
+        elif dead is not None:
+            state = "dead_lettered"
+        elif ttl_ms >= 0:
+            state = "legacy_key"  # a TTL key without an index entry: fires on its event
+        else:
+            state = "none"
+        o = db.outcomes
+        query = (
+            sa.select(o.c.due_at, o.c.fired_at, o.c.outcome)
+            .where(o.c.order_sn == order_sn, o.c.action == action)
+            .order_by(o.c.fired_at.desc())
+            .limit(1)
+        )
+        try:
+            with self.engine.connect() as conn:
+                last = conn.execute(query).first()
+        except sa.exc.OperationalError as exc:
+            raise db.unreachable(self.settings, exc) from None
+        return {
+            "timer": key,
+            "state": state,
+            "due_at": from_ms(int(due)).isoformat() if due is not None else None,
+            "ttl_ms": ttl_ms if ttl_ms >= 0 else None,
+            "claim": None
+            if lease is None
+            else {
+                "lease_until": from_ms(int(lease)).isoformat(),
+                "due_at": from_ms(int(claimed_due)).isoformat() if claimed_due else None,
+                "failed_attempts": int(attempts or 0),
+            },
+            "dead_letter": json.loads(dead) if dead else None,
+            "last_outcome": None
+            if last is None
+            else {
+                "due_at": last.due_at.isoformat() + "Z",
+                "fired_at": last.fired_at.isoformat() + "Z",
+                "outcome": last.outcome,
+            },
         }
 
     def _recent_outcomes(self) -> dict[str, int]:

@@ -70,6 +70,11 @@ class Keys:
         return self._k("recent")
 
     @property
+    def listeners(self) -> str:
+        """ZSET listener id -> last heartbeat (ms): who is alive."""
+        return self._k("listeners")
+
+    @property
     def wake_channel(self) -> str:
         """Published when a timer is scheduled earlier than every pending one."""
         return self._k("wake")

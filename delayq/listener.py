@@ -19,13 +19,16 @@ the firing in Redis, where a lease makes it claimable again.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import redis
 import sqlalchemy as sa
@@ -33,7 +36,9 @@ from sqlalchemy.engine import Engine
 
 from delayq.actions import APPLIED, Applier, Firing, Outcome
 from delayq.keys import Keys
+from delayq.observe import Metrics, database_answers
 from delayq.redis_conn import Scripts
+from delayq.sdnotify import Notifier
 from delayq.settings import Settings, mask_url
 
 log = logging.getLogger("delayq.listener")
@@ -43,6 +48,8 @@ log = logging.getLogger("delayq.listener")
 IDLE_CHECK_S = 1.0
 #: How long a fired timer's tombstone stops a late keyspace event from firing it again.
 RECENT_WINDOW_MS = 120_000
+#: Seconds between heartbeats in the listeners set (alive = seen in the last 10 s).
+HEARTBEAT_S = 1.0
 #: Keyspace events handled per claim_expired call.
 EVENT_BATCH = 1000
 
@@ -65,10 +72,11 @@ class Backoff:
 class Outage:
     """Logs an outage once when it starts and once, with its duration, when it ends."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, on_recovery: Callable[[], None] = lambda: None) -> None:
         self.what = what
         self.since: float | None = None
         self.count = 0
+        self.on_recovery = on_recovery
 
     def failed(self, exc: BaseException) -> None:
         if self.since is None:
@@ -80,6 +88,7 @@ class Outage:
         if self.since is not None:
             log.warning("%s back after %.1f s", self.what, time.monotonic() - self.since)
             self.since = None
+            self.on_recovery()
 
 
 class Listener:
@@ -98,8 +107,17 @@ class Listener:
         self.queue: queue.Queue[Firing] = queue.Queue()
         # Claim no more than the applier can finish well within a lease.
         self.max_backlog = settings.batch_size * 4
-        self.redis_outage = Outage(f"Redis at {mask_url(settings.redis_url)}")
-        self.db_outage = Outage(f"database at {mask_url(settings.effective_database_url)}")
+        self.metrics = Metrics()
+        self.notifier = Notifier()
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.engine = engine
+        self.subscribed = threading.Event()
+        self.redis_outage = Outage(
+            f"Redis at {mask_url(settings.redis_url)}", self.metrics.redis_reconnects.inc
+        )
+        self.db_outage = Outage(
+            f"database at {mask_url(settings.effective_database_url)}", self.metrics.db_outages.inc
+        )
         # SQLite has one writer at a time, and a second one waits in its busy handler's
         # sleeps (1, 2, 5, 10 ... ms): parallel appliers there only add lateness.
         self.appliers = 1 if engine.dialect.name == "sqlite" else settings.appliers
@@ -132,15 +150,23 @@ class Listener:
             t.start()
         while not self.stopping.wait(0.5):
             pass
+        self.notifier.stopping()
         for t in [*feeders, *appliers]:
             t.join()
+        with contextlib.suppress(redis.RedisError):
+            self.client.zrem(self.keys.listeners, self.id)
         log.info("stopped")
 
     # -- claimer -------------------------------------------------------------------------
 
     def _claim_loop(self) -> None:
         backoff = Backoff(self.settings.reconnect_backoff_max_s)
+        last_beat = 0.0
         while not self.stopping.is_set():
+            # This loop turns at least once a second: it is the listener's pulse.
+            self.notifier.watchdog()
+            if time.monotonic() - last_beat >= HEARTBEAT_S and self._heartbeat():
+                last_beat = time.monotonic()
             if self.queue.qsize() >= self.max_backlog:
                 self.wake.wait(0.05)
                 self.wake.clear()
@@ -161,6 +187,39 @@ class Listener:
             wait_s = IDLE_CHECK_S if next_ms < 0 else (next_ms - now_ms) / 1000
             self.wake.wait(min(IDLE_CHECK_S, max(wait_s, 0.0)))
 
+    def _heartbeat(self) -> bool:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.time()
+            pipe.zadd(self.keys.listeners, {self.id: int(time.time() * 1000)})
+            pipe.zremrangebyscore(self.keys.listeners, "-inf", int((time.time() - 86400) * 1000))
+            pipe.execute()
+        except redis.RedisError:
+            return False  # the claim below reports the outage
+        return True
+
+    def health_problems(self) -> list[str]:
+        """Why this listener is not healthy, one line each; empty when it is."""
+        problems = []
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            problems.append(f"redis: {_one_line(exc)}")
+        if not self.subscribed.is_set():
+            problems.append(f"subscription to {self.keys.expired_channel} is not live")
+        db_problem = database_answers(self.engine)
+        if db_problem:
+            problems.append(db_problem)
+        return problems
+
+    def retry_dead(self, timer_keys: Sequence[str]) -> int:
+        """Re-queue dead-lettered timers (all if none are named) to fire now."""
+        return int(
+            self.scripts.retry_dead(
+                keys=[self.keys.due, self.keys.dead], args=[self.keys.wake_channel, *timer_keys]
+            )
+        )
+
     def claim_due(self) -> tuple[int, int, list[Firing]]:
         """Claim due timers and timers whose lease ran out: (Redis now, next due, firings)."""
         raw = self.scripts.claim_due(
@@ -168,7 +227,9 @@ class Listener:
             args=[self.settings.batch_size, self.lease_ms],
         )
         firings = _firings(raw[3:], reclaimed=int(raw[2]))
-        self.claimed_here.add(f.key for f in firings)
+        if firings:
+            self.metrics.last_event = time.monotonic()
+            self.claimed_here.add(f.key for f in firings)
         return int(raw[0]), int(raw[1]), firings
 
     # -- subscriber ----------------------------------------------------------------------
@@ -184,9 +245,11 @@ class Listener:
                 self.wake.set()  # events may have been missed: look at the index now
                 self._pump(pubsub)
             except redis.RedisError as exc:
+                self.subscribed.clear()
                 self.redis_outage.failed(exc)
                 self.stopping.wait(backoff.next())
             finally:
+                self.subscribed.clear()
                 pubsub.close()
 
     def _subscribe(self, pubsub: redis.client.PubSub) -> None:
@@ -200,14 +263,15 @@ class Listener:
             msg = pubsub.get_message(timeout=1.0)
             if msg and msg["type"] in ("subscribe", "psubscribe"):
                 confirmed += 1
+        self.subscribed.set()
         if not self.ready.is_set():
-            log.info(
-                "listening: %s on %s, database %s",
-                self.keys.expired_channel,
-                mask_url(self.settings.redis_url),
-                mask_url(self.settings.effective_database_url),
+            status = (
+                f"listening: {self.keys.expired_channel} on {mask_url(self.settings.redis_url)}, "
+                f"database {mask_url(self.settings.effective_database_url)}"
             )
+            log.info("%s", status)
             self.ready.set()
+            self.notifier.ready(status)
         else:
             log.info("subscribed again to %s", self.keys.expired_channel)
 
@@ -218,6 +282,7 @@ class Listener:
             while msg is not None and len(expired) < EVENT_BATCH:
                 if msg["type"] == "pmessage":
                     expired.append(msg["data"])
+                    self.metrics.last_event = time.monotonic()
                 elif msg["type"] == "message":
                     self.wake.set()
                 msg = pubsub.get_message(timeout=0)
@@ -271,8 +336,11 @@ class Listener:
             self._retry_later(batch, exc)
             return
         self.db_outage.ok()
+        took_s = time.monotonic() - started
+        self.metrics.batch.observe(took_s)
+        self.metrics.batch_size.observe(len(batch))
         self._ack(outcomes)
-        self._log_batch(outcomes, time.monotonic() - started)
+        self._log_batch(outcomes, took_s)
 
     def _ack(self, outcomes: Sequence[Outcome]) -> None:
         try:
@@ -313,6 +381,7 @@ class Listener:
             self.redis_outage.failed(redis_exc)
             return
         if dead:
+            self.metrics.dead_lettered.inc(dead)
             log.error(
                 "dead-lettered %d timers after %d attempts: %s",
                 dead,
@@ -343,6 +412,9 @@ class Listener:
         counts = Counter((o.action, o.outcome) for o in outcomes)
         self.fired.update(counts)
         late = [o.lateness_ms for o in outcomes if o.outcome == APPLIED]
+        for o in outcomes:
+            applied = o.outcome == APPLIED
+            self.metrics.observe_firing(o.action, o.outcome, o.lateness_ms if applied else None)
         summary = ", ".join(f"{a} {o} {n}" for (a, o), n in sorted(counts.items()))
         lateness = f"; lateness max {max(late):.1f} ms" if late else ""
         level = logging.INFO

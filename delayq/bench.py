@@ -518,16 +518,26 @@ def plot(results: list[RunResult], path: Path, *, burst: bool) -> None:
 
     fig, (hist, over_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
-        late = [s[1] for s in r.samples]
-        if late:
-            hist.hist(late, bins=100, histtype="step", label=r.mode, log=True)
-            over_time.plot([s[0] for s in r.samples], late, ".", markersize=1.5, label=r.mode)
+        late = sorted(s[1] for s in r.samples)
+        if not late:
+            continue
+        hist.hist(late, bins=100, histtype="step", label=r.mode, log=not burst)
+        if burst:
+            # A burst has one due time: show how fast it drains instead.
+            over_time.plot([ms / 1000 for ms in late], range(1, len(late) + 1), label=r.mode)
+        else:
+            over_time.plot([s[0] for s in r.samples], [s[1] for s in r.samples], ".",
+                           markersize=1.5, label=r.mode)  # fmt: skip
     hist.set_xlabel("lateness (ms, due -> applied)")
     hist.set_ylabel("timers")
     hist.legend()
-    over_time.set_xlabel("time since the first due time (s)" if not burst else "burst (s)")
-    over_time.set_ylabel("lateness (ms)")
-    over_time.set_yscale("symlog", linthresh=10)
+    if burst:
+        over_time.set_xlabel("seconds after the due time")
+        over_time.set_ylabel("timers committed")
+    else:
+        over_time.set_xlabel("time since the first due time (s)")
+        over_time.set_ylabel("lateness (ms)")
+        over_time.set_yscale("symlog", linthresh=10)
     over_time.legend()
     fig.suptitle("delayq bench: lateness of fired timers")
     fig.tight_layout()

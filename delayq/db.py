@@ -56,7 +56,9 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         raise InvalidInput(
             f"DELAYQ_DATABASE_URL: {mask_url(url_text)} is not a valid URL"
         ) from None
-    opts: dict[str, Any] = {"pool_pre_ping": True}
+    # No pre-ping: it costs a round trip per transaction. A connection the server dropped
+    # fails its batch, which the listener retries at once on a fresh connection.
+    opts: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)

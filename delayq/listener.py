@@ -220,8 +220,9 @@ class Listener:
             )
         )
 
-    def claim_due(self) -> tuple[int, int, list[Firing]]:
-        """Claim due timers and timers whose lease ran out: (Redis now, next due, firings)."""
+    def claim_due(self) -> tuple[float, int, list[Firing]]:
+        """Claim due timers and timers whose lease ran out: (Redis now in ms with its
+        fraction, next due ms or -1, firings)."""
         raw = self.scripts.claim_due(
             keys=[self.keys.due, self.keys.inflight, self.keys.inflight_due],
             args=[self.settings.batch_size, self.lease_ms],
@@ -230,7 +231,7 @@ class Listener:
         if firings:
             self.metrics.last_event = time.monotonic()
             self.claimed_here.add(f.key for f in firings)
-        return int(raw[0]), int(raw[1]), firings
+        return int(raw[0]) / 1000, int(raw[1]), firings
 
     # -- subscriber ----------------------------------------------------------------------
 
@@ -325,7 +326,14 @@ class Listener:
         """Apply one micro-batch and acknowledge it, or send it back for a retry."""
         started = time.monotonic()
         try:
-            outcomes = self.applier.apply(batch)
+            try:
+                outcomes = self.applier.apply(batch)
+            except sa.exc.DBAPIError as exc:
+                if not exc.connection_invalidated:
+                    raise
+                # A pooled connection the server had dropped (restart, idle timeout):
+                # the pool has discarded it, so one more try gets a fresh one.
+                outcomes = self.applier.apply(batch)
         except sa.exc.SQLAlchemyError as exc:
             if len(batch) > 1 and not _is_transient(exc):
                 # One bad firing must not hold back the rest: isolate it.

@@ -11,7 +11,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pymysql
 import pytest
+import sqlalchemy as sa
 
 from delayq.keys import Keys
 from delayq.producer import Producer
@@ -232,3 +234,35 @@ def test_rolling_restart_of_two_listeners_loses_nothing(
     rows = outcome_rows(engine)
     assert Counter(r.order_sn for r in rows) == Counter(sns)
     assert {r.outcome for r in rows} == {"applied"}
+
+
+def test_database_connections_dropped_by_the_server_are_replaced_at_once(
+    redis_server: RedisServer, mariadb_url: str, tmp_path: Path, listeners: ListenerFactory
+) -> None:
+    env = clean_env(REDIS_URL=redis_server.url(0), DATABASE_URL=mariadb_url, HOME=str(tmp_path))
+    migrate_cli(env)
+    engine = engine_for(mariadb_url)
+    create_orders(engine, ["K1", "K2"])
+    listeners(env)
+    producer = Producer(redis_server.client(), Keys())
+    producer.schedule("K1", 0)
+    wait_for(lambda: statuses(engine)["K1"] == "cancelled", 30, what="K1 cancelled")
+    database = sa.make_url(mariadb_url).database
+    admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
+    try:
+        with admin.cursor() as cur:  # what a server restart or wait_timeout does to a pool
+            cur.execute(
+                "SELECT id FROM information_schema.processlist"
+                " WHERE db = %s AND id <> CONNECTION_ID()",
+                (database,),
+            )
+            for (thread_id,) in cur.fetchall():
+                cur.execute(f"KILL {int(thread_id)}")
+    finally:
+        admin.close()
+    engine.dispose()
+    producer.schedule("K2", 0)
+    wait_for(lambda: statuses(engine)["K2"] == "cancelled", 30, what="K2 cancelled")
+    (k2,) = [r for r in outcome_rows(engine) if r.order_sn == "K2"]
+    # Not through the retry backoff (>= 500 ms): a fresh connection at once.
+    assert k2.outcome == "applied" and k2.lateness_ms < 400, k2

@@ -2,13 +2,15 @@
 -- failed attempt is waiting for its retry). A claimed timer moves from the due index to
 -- the in-flight set with a lease; it leaves Redis only when its outcome is committed.
 -- KEYS: due index, in-flight set, in-flight due hash.  ARGV: limit, lease ms.
--- Returns {now ms, next wake-up ms or -1, n, key1, due1, key2, due2, ...}: the first n
+-- Returns {now in microseconds, next wake-up ms or -1, n, key1, due1, key2, due2, ...}:
+-- the first n
 -- timers were claimed before (their lease ran out), so they may have fired already.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[1])
 local lease_until = now + tonumber(ARGV[2])
-local out = {now, -1, 0}
+-- Microseconds, so the listener can sleep to the exact millisecond of the next due time.
+local out = {tonumber(t[1]) * 1000000 + tonumber(t[2]), -1, 0}
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
 for _, key in ipairs(stale) do
   redis.call('ZADD', KEYS[2], lease_until, key)

@@ -121,7 +121,6 @@ class Listener:
         # SQLite has one writer at a time, and a second one waits in its busy handler's
         # sleeps (1, 2, 5, 10 ... ms): parallel appliers there only add lateness.
         self.appliers = 1 if engine.dialect.name == "sqlite" else settings.appliers
-        self.fired: Counter[tuple[str, str]] = Counter()
         self.claimed_here = RecentKeys()
 
     def stop(self) -> None:
@@ -189,11 +188,7 @@ class Listener:
 
     def _heartbeat(self) -> bool:
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.time()
-            pipe.zadd(self.keys.listeners, {self.id: int(time.time() * 1000)})
-            pipe.zremrangebyscore(self.keys.listeners, "-inf", int((time.time() - 86400) * 1000))
-            pipe.execute()
+            self.scripts.heartbeat(keys=[self.keys.listeners], args=[self.id])
         except redis.RedisError:
             return False  # the claim below reports the outage
         return True
@@ -418,7 +413,6 @@ class Listener:
 
     def _log_batch(self, outcomes: Sequence[Outcome], took_s: float) -> None:
         counts = Counter((o.action, o.outcome) for o in outcomes)
-        self.fired.update(counts)
         late = [o.lateness_ms for o in outcomes if o.outcome == APPLIED]
         for o in outcomes:
             applied = o.outcome == APPLIED

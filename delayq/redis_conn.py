@@ -22,6 +22,7 @@ SCRIPT_NAMES = (
     "retry_later",
     "retry_dead",
     "release",
+    "heartbeat",
 )
 
 
@@ -68,6 +69,7 @@ class Scripts:
     retry_later: Script
     retry_dead: Script
     release: Script
+    heartbeat: Script
 
     @classmethod
     def register(cls, client: redis.Redis) -> Scripts:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from delayq.keys import Keys
 from delayq.producer import Producer
@@ -22,6 +23,13 @@ from tests.harness import (
     statuses,
 )
 from tests.servers import RedisServer, wait_for
+
+
+@pytest.fixture(params=["sqlite", "mariadb", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Every end-to-end scenario on each supported database (PostgreSQL when it runs)."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
 
 
 @pytest.fixture
@@ -143,3 +151,44 @@ def test_sigterm_stops_the_listener_cleanly(env: dict[str, str], listener: Liste
     listener.start()
     assert listener.stop() == 0
     assert "stopped" in listener.text()
+
+
+def test_your_own_orders_table_is_used_through_settings_alone(
+    redis_server: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    engine = engine_for(database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("CREATE TABLE shop_orders (sn VARCHAR(64) PRIMARY KEY, state VARCHAR(16))")
+        )
+        conn.execute(
+            sa.text("INSERT INTO shop_orders (sn, state) VALUES (:sn, :st)"),
+            [{"sn": "OWN-1", "st": "NEW"}, {"sn": "OWN-2", "st": "PAID"}],
+        )
+    env = clean_env(
+        REDIS_URL=redis_server.url(0),
+        DATABASE_URL=database_url,
+        HOME=str(tmp_path / "home"),
+        ORDERS_TABLE="shop_orders",
+        ORDER_KEY_COLUMN="sn",
+        STATUS_COLUMN="state",
+        STATUS_UNPAID="NEW",
+        STATUS_PAID="PAID",
+        STATUS_CANCELLED="CANCELED",
+        CANCELLED_AT_COLUMN="",
+        UPDATED_AT_COLUMN="",
+    )
+    migrate_cli(env)
+    assert not sa.inspect(engine).has_table("orders"), "delayq must not create its own orders"
+    listener = ListenerProcess(env, tmp_path / "listener.log")
+    try:
+        listener.start()
+        for sn in ("OWN-1", "OWN-2"):
+            assert run_cli("schedule", sn, "--in", "0", env=env).returncode == 0
+        wait_for(lambda: len(outcome_rows(engine)) == 2, 30, what="two outcomes")
+    finally:
+        listener.stop()
+    with engine.connect() as conn:
+        rows = dict(conn.execute(sa.text("SELECT sn, state FROM shop_orders")).all())  # type: ignore[arg-type]
+    assert rows == {"OWN-1": "CANCELED", "OWN-2": "PAID"}
+    assert sorted(r.outcome for r in outcome_rows(engine)) == ["applied", "skipped_not_NEW"]

@@ -38,6 +38,7 @@ def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> 
                 "due_at": from_ms(int(entry["due_ms"])).isoformat(),
                 "attempts": entry["attempts"],
                 "error": entry["error"],
+                "dead_at": from_ms(int(entry["dead_ms"])).isoformat(),
             }
         )
     return {

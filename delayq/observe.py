@@ -211,9 +211,20 @@ class _Handler(BaseHTTPRequestHandler):
         form = parse_qs(self.rfile.read(length).decode(errors="replace"))
         given = form.get("token", [""])[0]
         if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
-            self._send(HTTPStatus.FORBIDDEN, "re-queue refused: wrong or no token\n")
+            page = _page(
+                "delayq: refused",
+                '<p class="error">Re-queue refused: wrong or missing token.</p>'
+                '<p><a href="/">Back to the dashboard</a></p>',
+            )
+            self._send(HTTPStatus.FORBIDDEN, page, "text/html")
             return
-        timers = [t for t in form.get("timer", []) if t]
+        # "Re-queue selected" sends the ticked rows; "Re-queue all" sends none: all of them.
+        timers = [t for t in form.get("timer", []) if t] if form.get("selected") else []
+        if form.get("selected") and not timers:
+            self.send_response(HTTPStatus.SEE_OTHER)
+            self.send_header("Location", "/?requeued=0")
+            self.end_headers()
+            return
         n = self.listener.retry_dead(timers)
         log.info("dashboard re-queued %d dead-lettered timers", n)
         self.send_response(HTTPStatus.SEE_OTHER)
@@ -252,19 +263,65 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _dashboard(self) -> None:
+        problems = self.listener.health_problems()
         try:
             figures: dict[str, Any] = redis_figures(self.listener.client, self.listener.keys)
-            error = ""
-        except redis.RedisError as exc:
-            figures, error = {}, f"Redis does not answer: {exc}"
+        except redis.RedisError:
+            figures = {}
+        query = parse_qs(self.path.partition("?")[2])
+        requeued = query.get("requeued", [""])[0]
         page = render_dashboard(
-            figures, self.listener.metrics.window(), error, requeue_enabled=bool(self.token)
+            figures,
+            self.listener.metrics.window(),
+            problems,
+            requeue_enabled=bool(self.token),
+            notice=f"Re-queued {int(requeued)} dead-lettered timers." if requeued.isdigit() else "",
         )
         self._send(HTTPStatus.OK, page, "text/html")
 
 
+_STYLE = """
+body{font:15px system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f6f7f9}
+h1{font-size:1.4rem;margin-bottom:.2rem} h2{font-size:1.1rem;margin-top:2rem}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(12rem,1fr));gap:.8rem}
+.card{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:.8rem}
+.label{color:#5b6474;font-size:.8rem} .value{font-size:1.4rem;font-weight:600}
+table{border-collapse:collapse;background:#fff}
+td,th{border:1px solid #dde1e7;padding:.3rem .6rem;text-align:left;vertical-align:top}
+.dim{color:#5b6474} .error{color:#b00020;font-weight:600} .notice{color:#0a6b2d;font-weight:600}
+form{margin-top:.8rem} #next-due{font-size:1.05rem;padding-top:.3rem} td.when{white-space:nowrap}
+"""
+
+# Reloads every 5 s, except while the operator is typing the token or has ticked rows.
+_REFRESH = """<script>
+setInterval(function () {
+  var token = document.getElementById("token");
+  var busy = (token && (token.value || document.activeElement === token)) ||
+             document.querySelector("input[name=timer]:checked");
+  if (!busy) { location.replace("/"); }
+}, 5000);
+</script><noscript><meta http-equiv="refresh" content="5"></noscript>"""
+
+
+def _page(title: str, body: str, head: str = "") -> str:
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_STYLE}</style>{head}</head><body>\n{body}\n</body></html>\n"
+    )
+
+
+def _when(iso: str | None) -> str | None:
+    """'2026-11-23T17:14:59.877000+00:00' -> '2026-11-23 17:14:59 UTC'."""
+    return None if iso is None else iso[:19].replace("T", " ") + " UTC"
+
+
 def render_dashboard(
-    figures: dict[str, Any], window: dict[str, Any], error: str, *, requeue_enabled: bool
+    figures: dict[str, Any],
+    window: dict[str, Any],
+    problems: list[str],
+    *,
+    requeue_enabled: bool,
+    notice: str = "",
 ) -> str:
     e = html.escape
 
@@ -278,59 +335,65 @@ def render_dashboard(
     cards = "".join(
         card(label, value, ident)
         for label, value, ident in (
-            ("pending", figures.get("pending"), "pending"),
-            ("next due (UTC)", figures.get("next_due_at"), "next-due"),
+            ("pending (all listeners)", figures.get("pending"), "pending"),
+            ("next due", _when(figures.get("next_due_at")), "next-due"),
             ("overdue", figures.get("overdue"), "overdue"),
             ("in flight", figures.get("in_flight"), "in-flight"),
             ("dead-lettered", figures.get("dead_lettered"), "dead-lettered"),
-            ("fired last minute", window.get("fired_last_minute"), "fired-last-minute"),
-            ("lateness p50 (ms, 5 min)", window.get("lateness_p50_ms"), "lateness-p50"),
-            ("lateness p99 (ms, 5 min)", window.get("lateness_p99_ms"), "lateness-p99"),
+            ("fired last minute (this listener)", window.get("fired_last_minute"),
+             "fired-last-minute"),
+            ("lateness p50, ms (this listener, 5 min)", window.get("lateness_p50_ms"),
+             "lateness-p50"),
+            ("lateness p99, ms (this listener, 5 min)", window.get("lateness_p99_ms"),
+             "lateness-p99"),
             ("listeners alive", len(figures.get("listeners", [])), "listeners-alive"),
         )
-    )
+    )  # fmt: skip
     listeners = "".join(
         f"<li>{e(lst['id'])} <span class=dim>seen {lst['last_seen_s']} s ago</span></li>"
         for lst in figures.get("listeners", [])
     )
+    dead_letters = figures.get("dead_letters", [])
     rows = "".join(
-        f"<tr><td>{e(d['timer'])}</td><td>{e(d['due_at'])}</td><td>{d['attempts']}</td>"
+        f'<tr><td><input type="checkbox" name="timer" value="{e(d["timer"])}"'
+        f' form="requeue-form"{"" if requeue_enabled else " disabled"}></td>'
+        f"<td>{e(d['timer'])}</td><td class=when>{e(_when(d['due_at']) or '')}</td>"
+        f"<td class=when>{e(_when(d.get('dead_at')) or '')}</td><td>{d['attempts']}</td>"
         f"<td>{e(d['error'])}</td></tr>"
-        for d in figures.get("dead_letters", [])
+        for d in dead_letters
     )
+    shown = len(dead_letters)
+    total = figures.get("dead_lettered", shown)
+    more = f'<p class="dim">Showing {shown} of {total:,}.</p>' if total > shown else ""
     if requeue_enabled:
         form = (
-            '<form method="post" action="/dead/requeue"><input type="password" name="token" '
-            'id="token" placeholder="dashboard token" required> '
-            '<button type="submit" id="requeue">Re-queue all dead letters</button></form>'
+            '<form method="post" action="/dead/requeue" id="requeue-form">'
+            '<input type="password" name="token" id="token" placeholder="dashboard token"'
+            ' autocomplete="off" required> '
+            '<button type="submit" id="requeue-selected" name="selected" value="1">'
+            "Re-queue selected</button> "
+            '<button type="submit" id="requeue" formnovalidate>Re-queue all</button></form>'
         )
     else:
         form = '<p class="dim">Set DELAYQ_DASHBOARD_TOKEN to re-queue from here.</p>'
     dead = (
-        f"<table><tr><th>timer</th><th>due</th><th>attempts</th><th>last error</th></tr>"
-        f"{rows}</table>{form}"
+        "<table><tr><th></th><th>timer</th><th>due</th><th>given up</th><th>attempts</th>"
+        f"<th>last error</th></tr>{rows}</table>{more}{form}"
         if rows
         else "<p class=dim>none</p>"
     )
-    banner = f'<p class="error">{e(error)}</p>' if error else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>delayq</title><style>
-body{{font:15px system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f6f7f9}}
-h1{{font-size:1.4rem}} h2{{font-size:1.1rem;margin-top:2rem}}
-.cards{{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:.8rem}}
-.card{{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:.8rem}}
-.label{{color:#5b6474;font-size:.8rem}} .value{{font-size:1.5rem;font-weight:600}}
-table{{border-collapse:collapse;background:#fff}}
-td,th{{border:1px solid #dde1e7;padding:.3rem .6rem;text-align:left}}
-.dim{{color:#5b6474}} .error{{color:#b00020;font-weight:600}} form{{margin-top:.8rem}}
-</style></head><body>
-<h1>delayq</h1>{banner}
-<div class="cards">{cards}</div>
-<h2>Listeners</h2><ul id="listeners">{listeners or "<li class=dim>none</li>"}</ul>
-<h2>Dead letters</h2><div id="dead">{dead}</div>
-</body></html>
-"""
+    banner = "".join(f'<p class="error">{e(p)}</p>' for p in problems)
+    if notice:
+        banner += f'<p class="notice" id="notice">{e(notice)}</p>'
+    as_of = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return _page(
+        "delayq",
+        f'<h1>delayq</h1><p class="dim" id="as-of">as of {as_of}</p>{banner}'
+        f'<div class="cards">{cards}</div>'
+        f'<h2>Listeners</h2><ul id="listeners">{listeners or "<li class=dim>none</li>"}</ul>'
+        f'<h2>Dead letters</h2><div id="dead">{dead}</div>',
+        head=_REFRESH,
+    )
 
 
 def database_answers(engine: sa.Engine) -> str | None:

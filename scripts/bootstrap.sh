@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a Debian 12 machine for the test suite: redis-server (tests start their
-# own), a MariaDB answering root@127.0.0.1:3306 with an empty password, and .venv.
+# own), a MariaDB answering root@127.0.0.1:3306 with an empty password, Debian's
+# chromium and chromedriver (the dashboard's browser test), and .venv.
 # Idempotent: on a machine that has everything it only re-runs pip. It never
 # stops or reconfigures a running service, and never touches the Redis on 6379.
 # Run from the repository root (make venv does).
@@ -43,6 +44,13 @@ fi
 if ! command -v python3 >/dev/null; then
     missing+=(python3 python3-venv)
 fi
+# tests/test_dashboard.py runs these exact paths; Selenium must not fetch its own.
+if [[ ! -x /usr/bin/chromium ]]; then
+    missing+=(chromium)
+fi
+if [[ ! -x /usr/bin/chromedriver ]]; then
+    missing+=(chromium-driver)
+fi
 if ((${#missing[@]})); then
     if is_root; then
         apt_install "${missing[@]}"
@@ -50,7 +58,7 @@ if ((${#missing[@]})); then
         log "warning: missing ${missing[*]} and not root; tests needing them will fail or skip"
     fi
 else
-    log "redis-server, mariadbd and python3 present"
+    log "redis-server, mariadbd, python3, chromium and chromedriver present"
 fi
 
 # --- MariaDB -----------------------------------------------------------------

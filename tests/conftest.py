@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pymysql
 import pytest
+import sqlalchemy as sa
 
 from tests.servers import RedisFactory, RedisServer
 
@@ -161,3 +162,35 @@ def database_url(request: pytest.FixtureRequest) -> str:
     """Runs a test once per supported database backend."""
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
+
+
+@pytest.fixture
+def limited_user(mariadb_url: str) -> Iterator[tuple[str, Callable[[bool], None]]]:
+    """A MariaDB user with table privileges on the test database only, and a switch that
+    revokes or grants them (table privileges take effect at the next statement)."""
+    database = sa.make_url(mariadb_url).database
+    user = f"dq_{database[-12:]}"
+    admin = _mariadb_connect()
+    tables = ("orders", "delayq_outcomes", "delayq_alembic_version")
+
+    def grant(on: bool) -> None:
+        with admin.cursor() as cur:
+            for table in tables:
+                if on:
+                    cur.execute(
+                        f"GRANT SELECT, INSERT, UPDATE ON `{database}`.`{table}` TO %s@'%%'",
+                        (user,),
+                    )
+                else:
+                    cur.execute(
+                        f"REVOKE ALL PRIVILEGES ON `{database}`.`{table}` FROM %s@'%%'", (user,)
+                    )
+
+    with admin.cursor() as cur:
+        cur.execute("CREATE USER %s@'%%' IDENTIFIED BY 'pw'", (user,))
+    try:
+        yield f"mysql+pymysql://{user}:pw@{MARIADB_HOST}:{MARIADB_PORT}/{database}", grant
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("DROP USER IF EXISTS %s@'%%'", (user,))
+        admin.close()

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import pymysql
 import pytest
 import sqlalchemy as sa
 
@@ -195,39 +194,8 @@ def test_subscriber_killed_during_a_burst_loses_nothing(
     _assert_each_applied_once(engine, sns)
 
 
-# -- database outages (MariaDB: privileges revoked from the listener's own user) --------
-
-
-@pytest.fixture
-def limited_user(mariadb_url: str) -> Iterator[tuple[str, Callable[[bool], None]]]:
-    """A MariaDB user with table privileges on the test database only, and a switch that
-    revokes or grants them (table privileges take effect at the next statement)."""
-    database = sa.make_url(mariadb_url).database
-    user = f"dq_{database[-12:]}"
-    admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
-    tables = ("orders", "delayq_outcomes", "delayq_alembic_version")
-
-    def grant(on: bool) -> None:
-        with admin.cursor() as cur:
-            for table in tables:
-                if on:
-                    cur.execute(
-                        f"GRANT SELECT, INSERT, UPDATE ON `{database}`.`{table}` TO %s@'%%'",
-                        (user,),
-                    )
-                else:
-                    cur.execute(
-                        f"REVOKE ALL PRIVILEGES ON `{database}`.`{table}` FROM %s@'%%'", (user,)
-                    )
-
-    with admin.cursor() as cur:
-        cur.execute("CREATE USER %s@'%%' IDENTIFIED BY 'pw'", (user,))
-    try:
-        yield f"mysql+pymysql://{user}:pw@127.0.0.1:3306/{database}", grant
-    finally:
-        with admin.cursor() as cur:
-            cur.execute("DROP USER IF EXISTS %s@'%%'", (user,))
-        admin.close()
+# -- database outages (MariaDB: privileges revoked from the listener's own user, with the
+# `limited_user` fixture from conftest.py) ------------------------------------------------
 
 
 def test_database_outage_keeps_timers_pending_until_it_returns(

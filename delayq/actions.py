@@ -98,15 +98,16 @@ class Applier:
         self.orders = orders_table(settings)
         self.clock = clock
         # Statements are built once: building them per batch was a third of the CPU a
-        # listener spent at 1,000 timers a second (py-spy, BENCHMARKS.md).
+        # listener spent at 1,000 timers a second (py-spy, BENCHMARKS.md). They are public
+        # so that `delayq check` probes exactly these for missing privileges.
         key = self.orders.c[settings.order_key_column]
         status = self.orders.c[settings.status_column]
         order_sns: sa.BindParameter[str] = sa.bindparam("order_sns", expanding=True)
         # FOR UPDATE: a payment committing between this read and the UPDATE waits, so the
         # verdict recorded is the one applied. (SQLite: BEGIN IMMEDIATE does the same.)
-        self._select_locked = sa.select(key, status).where(key.in_(order_sns)).with_for_update()
-        self._updates = {name: self._update_for(a) for name, a in self.actions.items()}
-        self._select_recorded = sa.select(
+        self.select_locked = sa.select(key, status).where(key.in_(order_sns)).with_for_update()
+        self.updates = {name: self._update_for(a) for name, a in self.actions.items()}
+        self.select_recorded = sa.select(
             outcomes.c.order_sn, outcomes.c.action, outcomes.c.due_at
         ).where(
             outcomes.c.order_sn.in_(order_sns),
@@ -201,19 +202,19 @@ class Applier:
         if not order_sns:
             return set()
         due_ats = sorted({_due_at(f) for f, _, _ in parsed})
-        rows = conn.execute(self._select_recorded, {"order_sns": order_sns, "due_ats": due_ats})
+        rows = conn.execute(self.select_recorded, {"order_sns": order_sns, "due_ats": due_ats})
         return {(r.order_sn, r.action, r.due_at) for r in rows}
 
     def _lock_orders(self, conn: sa.Connection, order_sns: set[str]) -> dict[str, str]:
         if not order_sns:
             return {}
-        rows = conn.execute(self._select_locked, {"order_sns": sorted(order_sns)})
+        rows = conn.execute(self.select_locked, {"order_sns": sorted(order_sns)})
         return {row[0]: row[1] for row in rows}
 
     def _update(
         self, conn: sa.Connection, action: Action, order_sns: list[str], fired_at: datetime
     ) -> None:
-        conn.execute(self._updates[action.name], {"order_sns": order_sns, "fired_at_": fired_at})
+        conn.execute(self.updates[action.name], {"order_sns": order_sns, "fired_at_": fired_at})
 
 
 def _outcome_row(r: Outcome) -> dict[str, object]:

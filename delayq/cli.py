@@ -140,9 +140,15 @@ def check(
     configure_redis: Annotated[
         bool, typer.Option(help="Set notify-keyspace-events if off.")
     ] = False,
+    role: Annotated[
+        str, typer.Option(help="listener (Redis and database) or producer (Redis only).")
+    ] = "listener",
 ) -> None:
-    """Check Redis (reachable, keyspace notifications on) and the database (reachable, migrated)."""
-    for line in _dq(ctx).check(configure_redis=configure_redis):
+    """Check Redis (reachable, permissions, keyspace notifications) and the database
+    (reachable, privileges, migrated)."""
+    if role not in ("listener", "producer"):
+        raise InvalidInput(f"invalid --role {role!r}: use listener or producer")
+    for line in _dq(ctx).check(configure_redis=configure_redis, role=role):
         print(f"ok: {line}")
 
 

@@ -18,6 +18,7 @@ from delayq.errors import ServiceUnavailable
 from delayq.figures import redis_figures
 from delayq.keys import Keys, timer_key
 from delayq.listener import Listener
+from delayq.permissions import check_database, check_redis
 from delayq.producer import Producer
 from delayq.redis_conn import Scripts, check_notifications, connect, keys_for
 from delayq.settings import Settings, mask_url
@@ -65,12 +66,17 @@ class Delayq:
         except sa.exc.OperationalError as exc:
             raise db.unreachable(self.settings, exc) from None
 
-    def check(self, *, configure_redis: bool = False) -> list[str]:
-        """Lines saying what is right; raises the first thing that is not."""
+    def check(self, *, configure_redis: bool = False, role: str = "listener") -> list[str]:
+        """Lines saying what is right; raises the first thing that is not, naming a missing
+        permission when that is what is wrong. A producer needs neither keyspace events
+        nor the database."""
         lines = [f"Redis at {mask_url(self.redis_url)} answers"]
+        lines += check_redis(self.redis, self.keys, self.scripts, role=role)
+        if role == "producer":
+            return lines
         lines.append(check_notifications(self.redis, self.redis_url, configure=configure_redis))
         try:
-            lines.append(db.check_schema(self.engine, self.settings))
+            lines += check_database(self.engine, self.settings)
         except sa.exc.OperationalError as exc:
             raise db.unreachable(self.settings, exc) from None
         return lines

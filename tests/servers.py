@@ -14,8 +14,10 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -94,6 +96,16 @@ def no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS-only RedisServer: its certificate and key, and the CA that
+    signed the certificate (which clients are given to verify it)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 class RedisServer:
     """A private redis-server child process for one test.
 
@@ -109,8 +121,11 @@ class RedisServer:
         notify: str = "Ex",
         extra: dict[str, str] | None = None,
         port: int | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self._dir = Path(dir).resolve()
+        # With TLS the server listens on `port` with TLS only (plain TCP is off).
+        self._tls = tls
         self._appendonly = appendonly
         self._notify = notify
         self._extra = dict(extra or {})
@@ -138,7 +153,15 @@ class RedisServer:
         return None if self._proc is None else self._proc.pid
 
     def url(self, db: int = 0) -> str:
+        if self._tls is not None:
+            ca = quote(str(self._tls.ca), safe="/")
+            return f"rediss://{HOST}:{self._port}/{db}?ssl_ca_certs={ca}"
         return f"redis://{HOST}:{self._port}/{db}"
+
+    def _ssl_kwargs(self) -> dict[str, Any]:
+        if self._tls is None:
+            return {}
+        return {"ssl": True, "ssl_ca_certs": str(self._tls.ca)}
 
     def client(self, db: int = 0) -> redis.Redis:
         """A decoded client that does not retry; closed by stop() so tests need not."""
@@ -149,15 +172,23 @@ class RedisServer:
             decode_responses=True,
             socket_connect_timeout=5,
             retry=no_retry(),
+            **self._ssl_kwargs(),
         )
         self._clients.append(client)
         return client
 
     def _args(self) -> list[str]:
+        if self._tls is None:
+            listen = ["--port", str(self._port)]
+        else:
+            listen = [
+                *("--port", "0", "--tls-port", str(self._port)),
+                *("--tls-cert-file", str(self._tls.cert), "--tls-key-file", str(self._tls.key)),
+                *("--tls-ca-cert-file", str(self._tls.ca), "--tls-auth-clients", "no"),
+            ]
         args = [
             redis_server_binary(),
-            "--port",
-            str(self._port),
+            *listen,
             "--bind",
             HOST,
             "--dir",
@@ -214,7 +245,12 @@ class RedisServer:
             )
         proc = self._proc
         probe = redis.Redis(
-            host=HOST, port=self._port, socket_connect_timeout=1, socket_timeout=1, retry=no_retry()
+            host=HOST,
+            port=self._port,
+            socket_connect_timeout=1,
+            socket_timeout=1,
+            retry=no_retry(),
+            **self._ssl_kwargs(),
         )
 
         def answers() -> bool:
@@ -261,6 +297,7 @@ class RedisServer:
                     socket_connect_timeout=2,
                     socket_timeout=5,
                     retry=no_retry(),
+                    **self._ssl_kwargs(),
                 )
                 with contextlib.closing(admin):
                     admin.shutdown(nosave=True)

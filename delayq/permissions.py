@@ -1,0 +1,441 @@
+"""Least privilege: does this Redis user, and this database user, have every permission
+delayq needs? Each check names the first one that is missing, on one line.
+
+Redis. Every command, key and channel a role uses is tried once, in a form that changes
+nothing: ZADD with XX GT -inf (never adds nor moves a member), SET with XX on a key that
+does not exist, range commands over empty ranges, and each Lua script with no timers. The
+ACL judges these exactly as it judges the real calls. HSET and HINCRBY have no such form:
+they write a field of the probe key in delayq's hashes and delete it again, after HDEL has
+been shown to be allowed. The probe key, `delayq-permission-probe:cancel`, is never a due
+timer and never expires, so nothing fires and no keyspace event names it. (ACL DRYRUN
+would change nothing at all, but only an admin may run it, and then there is nothing to
+find out.)
+
+Database. The statements the applier runs (SELECT ... FOR UPDATE and UPDATE on the orders
+table, SELECT and INSERT on delayq's outcomes) plus the schema version look-up run in one
+transaction that is rolled back; the orders statements match no row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import redis
+import sqlalchemy as sa
+from redis.commands.core import Script
+from redis.exceptions import NoPermissionError
+from sqlalchemy.engine import Engine
+
+from delayq import db
+from delayq.actions import Applier, utcnow
+from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
+from delayq.keys import Keys
+from delayq.redis_conn import Scripts
+from delayq.settings import Settings, mask_url
+
+#: An order id no shop uses: the probe's timer key. Never scheduled, so it never fires.
+PROBE_ORDER_SN = "delayq-permission-probe"
+#: `cancel` is the one action every deployment has, so its key pattern covers the probe.
+PROBE_KEY = f"{PROBE_ORDER_SN}:cancel"
+REDIS_RULES = "deploy/redis/users.acl"
+DATABASE_GRANTS = "deploy/database/grants.sql"
+ROLES = ("producer", "listener")
+#: Seconds to wait for a subscription to be confirmed.
+SUBSCRIBE_TIMEOUT_S = 5.0
+#: MariaDB / MySQL: table and column privilege refused; PostgreSQL: insufficient privilege.
+_MYSQL_DENIED = (1142, 1143)
+_PG_DENIED = "42501"
+
+
+# -- Redis ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Command:
+    """One command in a form that changes nothing, as the ACL sees the real one."""
+
+    args: tuple[Any, ...]
+    #: The ACL's name for it: 'zadd', 'script|load'.
+    name: str
+    #: What it touches, for the message: " on key '{delayq}:due'".
+    on: str = ""
+    #: Run after this one to undo it (HSET and HINCRBY have no form that writes nothing).
+    undo: tuple[str | int, ...] | None = None
+
+
+def _cmd(*args: str | int, key: str | None = None, channel: str | None = None) -> _Command:
+    on = f" on key {key!r}" if key else f" on channel {channel!r}" if channel else ""
+    return _Command(args, str(args[0]).lower(), on)
+
+
+def _no_op_zset(*names: str, key: str) -> list[_Command]:
+    """The sorted-set commands `names` on `key`, in forms that read nothing and write nothing."""
+    forms: dict[str, tuple[str | int, ...]] = {
+        "ZSCORE": (key, PROBE_KEY),
+        "ZADD": (key, "XX", "GT", "-inf", PROBE_KEY),  # XX: no new member; GT -inf: no move
+        "ZREM": (key, PROBE_KEY),
+        "ZRANGE": (key, 0, 0, "WITHSCORES"),
+        "ZRANGEBYSCORE": (key, 1, 0),  # min > max: an empty range
+        "ZREMRANGEBYSCORE": (key, 1, 0),
+        "ZCOUNT": (key, 1, 0),
+        "ZCARD": (key,),
+    }
+    return [_cmd(name, *forms[name], key=key) for name in names]
+
+
+def _write_then_undo(*args: str | int, key: str) -> _Command:
+    return _Command(args, str(args[0]).lower(), f" on key {key!r}", ("HDEL", key, PROBE_KEY))
+
+
+def _producer_commands(k: Keys) -> list[_Command]:
+    return [
+        _cmd("PING"),
+        _cmd("TIME"),
+        *_no_op_zset("ZSCORE", "ZRANGE", "ZREM", "ZADD", key=k.due),
+        *_no_op_zset("ZADD", key=k.recent),
+        _cmd("SET", PROBE_KEY, "1", "XX", "KEEPTTL", key=PROBE_KEY),
+        _cmd("DEL", PROBE_KEY, key=PROBE_KEY),
+        _cmd("PUBLISH", k.wake_channel, 0, channel=k.wake_channel),
+    ]
+
+
+def _listener_commands(k: Keys) -> list[_Command]:
+    return [
+        _cmd("PING"),
+        _cmd("TIME"),
+        *_no_op_zset(
+            "ZSCORE", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", "ZCOUNT", key=k.due
+        ),
+        *_no_op_zset("ZSCORE", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", key=k.inflight),
+        *_no_op_zset("ZSCORE", "ZADD", "ZREMRANGEBYSCORE", key=k.recent),
+        *_no_op_zset("ZADD", "ZREMRANGEBYSCORE", "ZRANGEBYSCORE", "ZREM", key=k.listeners),
+        _cmd("HGET", k.inflight_due, PROBE_KEY, key=k.inflight_due),
+        _cmd("HDEL", k.inflight_due, PROBE_KEY, key=k.inflight_due),
+        _cmd("HGET", k.attempts, PROBE_KEY, key=k.attempts),
+        _cmd("HDEL", k.attempts, PROBE_KEY, key=k.attempts),
+        _cmd("HGET", k.dead, PROBE_KEY, key=k.dead),
+        _cmd("HDEL", k.dead, PROBE_KEY, key=k.dead),
+        _cmd("HLEN", k.dead, key=k.dead),
+        _cmd("HSCAN", k.dead, 0, "COUNT", 1, key=k.dead),
+        # retry-dead lists the dead letters' fields: asked of the (absent) probe key, as
+        # there may be many dead letters.
+        _cmd("HKEYS", PROBE_KEY, key=PROBE_KEY),
+        _cmd("DEL", PROBE_KEY, key=PROBE_KEY),
+        _cmd("PTTL", PROBE_KEY, key=PROBE_KEY),
+        _cmd("PUBLISH", k.wake_channel, 0, channel=k.wake_channel),
+        # Last: the only two that write (a field of the probe key), undone by HDEL.
+        _write_then_undo("HSET", k.inflight_due, PROBE_KEY, 0, key=k.inflight_due),
+        _write_then_undo("HINCRBY", k.attempts, PROBE_KEY, 0, key=k.attempts),
+    ]
+
+
+def _script_calls(k: Keys) -> dict[str, dict[str, tuple[list[str], list[str | int]]]]:
+    """Per role, each script's (keys, args) for a call that finds nothing to do."""
+    return {
+        "producer": {
+            "schedule": ([k.due], [k.wake_channel]),  # no timers
+            "cancel": ([k.due, k.recent, PROBE_KEY], []),  # a timer that does not exist
+        },
+        "listener": {
+            "claim_due": ([k.due, k.inflight, k.inflight_due], [0, 1]),  # claims at most 0
+            "claim_expired": ([k.due, k.inflight, k.inflight_due, k.recent], [1]),  # no events
+            # A window longer than the epoch: trims no tombstone.
+            "ack": ([k.inflight, k.inflight_due, k.attempts, k.recent], [10**15]),
+            "retry_later": ([k.inflight, k.inflight_due, k.attempts, k.dead], [1, 1, 1, "-"]),
+            "release": ([k.inflight], []),
+            "retry_dead": ([k.due, k.dead], [k.wake_channel, PROBE_KEY]),  # not dead-lettered
+        },
+    }
+
+
+def check_redis(client: redis.Redis, keys: Keys, scripts: Scripts, *, role: str) -> list[str]:
+    """Lines saying what this Redis user may do; raises NotReady naming the first command,
+    key or channel the `role` ('producer' or 'listener') needs and is refused. Changes
+    nothing in Redis and fires no timer (see the module docstring)."""
+    if role not in ROLES:
+        raise InvalidInput(f"unknown role {role!r}: use 'producer' or 'listener'")
+    user = str(client.connection_pool.connection_kwargs.get("username") or "default")
+    commands = _producer_commands(keys) if role == "producer" else _listener_commands(keys)
+    calls = _script_calls(keys)[role]
+    if role == "producer":
+        # schedule_many pipelines its calls, and a pipeline first asks which scripts exist.
+        shas = [cast(Script, getattr(scripts, name)).sha for name in calls]
+        commands.append(_Command(("SCRIPT", "EXISTS", *shas), "script|exists"))
+    commands += [
+        _Command(("SCRIPT", "LOAD", cast(Script, getattr(scripts, name)).script), "script|load")
+        for name in calls
+    ]
+    for command in commands:
+        _run(client, user, command)
+    for name, (script_keys, args) in calls.items():
+        _run_script(client, user, name, cast(Script, getattr(scripts, name)), script_keys, args)
+    subscriptions = 0
+    if role == "listener":
+        subscriptions = _subscribe(client, user, keys)
+    what = f"{len(commands)} commands, {len(calls)} scripts"
+    if subscriptions:
+        what += f" and {subscriptions} subscriptions"
+    return [f"Redis user {user!r} has every permission a {role} needs ({what} probed)"]
+
+
+def _run(client: redis.Redis, user: str, command: _Command) -> None:
+    for args in (command.args, command.undo):
+        if args is None:
+            continue
+        try:
+            client.execute_command(*args)  # type: ignore[no-untyped-call]
+        except NoPermissionError as exc:
+            raise NotReady(_redis_denied(user, command.name, command.on, exc)) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise _redis_unreachable(client, exc) from None
+        except redis.ResponseError as exc:
+            raise NotReady(f"Redis refused {command.name!r}{command.on}: {_line(exc)}") from None
+
+
+def _run_script(
+    client: redis.Redis,
+    user: str,
+    name: str,
+    script: Script,
+    script_keys: Sequence[str],
+    args: Sequence[str | int],
+) -> None:
+    try:
+        script(keys=script_keys, args=args, client=client)
+    except NoPermissionError as exc:
+        on = " on keys " + ", ".join(repr(k) for k in script_keys)
+        raise NotReady(_redis_denied(user, "evalsha", f" of the {name} script{on}", exc)) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise _redis_unreachable(client, exc) from None
+    except redis.ResponseError as exc:
+        # A command inside the script was refused: the probes above should have named it.
+        raise NotReady(
+            f"Redis user {user!r} lacks a permission the {name} script needs ({_line(exc)}): "
+            f"see {REDIS_RULES}"
+        ) from None
+
+
+def _subscribe(client: redis.Redis, user: str, keys: Keys) -> int:
+    """SUBSCRIBE to the wake channel and PSUBSCRIBE to the expired keyevents as the listener
+    does, then drop the connection (no UNSUBSCRIBE needed)."""
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    wanted: list[tuple[str, str, Callable[..., Any]]] = [
+        ("subscribe", keys.wake_channel, pubsub.subscribe),
+        ("psubscribe", keys.expired_channel, pubsub.psubscribe),
+    ]
+    try:
+        for kind, channel, subscribe in wanted:
+            try:
+                subscribe(channel)
+                _confirmed(pubsub, kind, channel)
+            except NoPermissionError as exc:
+                raise NotReady(_redis_denied(user, kind, f" on channel {channel!r}", exc)) from None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise _redis_unreachable(client, exc) from None
+    finally:
+        pubsub.close()
+    return len(wanted)
+
+
+def _confirmed(pubsub: redis.client.PubSub, kind: str, channel: str) -> None:
+    deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+    while (left := deadline - time.monotonic()) > 0:
+        # A refusal is raised from here (NoPermissionError).
+        msg = pubsub.get_message(timeout=left)
+        if msg and msg["type"] == kind:
+            return
+    raise redis.TimeoutError(f"no confirmation of {kind} {channel} in {SUBSCRIBE_TIMEOUT_S} s")
+
+
+def _redis_denied(user: str, name: str, on: str, exc: redis.RedisError) -> str:
+    return (
+        f"Redis user {user!r} lacks permission for {name!r}{on} (NOPERM {_line(exc)}): "
+        f"see {REDIS_RULES}"
+    )
+
+
+def _redis_unreachable(client: redis.Redis, exc: redis.RedisError) -> ServiceUnavailable:
+    kw = client.connection_pool.connection_kwargs
+    where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+    return ServiceUnavailable(f"Redis at {where} is not reachable: {_line(exc)}")
+
+
+# -- database --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Statement:
+    privilege: str
+    table: str
+    what: str
+    run: Callable[[sa.Connection], object]
+
+
+def _statements(engine: Engine, settings: Settings) -> list[_Statement]:
+    """What the listener runs, built by the applier itself; orders statements match no row
+    (an empty IN list renders as an impossible condition)."""
+    applier = Applier(engine, settings)
+    orders = settings.orders_table
+    version: sa.Select[Any] = sa.select(sa.column("version_num")).select_from(
+        sa.table(db.VERSION_TABLE)
+    )
+    no_orders: dict[str, Any] = {"order_sns": []}
+    now = utcnow()
+    probe_row = {
+        "order_sn": PROBE_ORDER_SN,
+        "action": "cancel",
+        # A random due time: two checks at once do not wait on each other's unique key.
+        "due_at": datetime(2000, 1, 1) + timedelta(microseconds=random.randrange(10**15)),
+        "fired_at": now,
+        "outcome": "permission_probe",
+        "detail": None,
+    }
+    return [
+        _Statement(
+            "SELECT", db.VERSION_TABLE, "read the schema version", lambda c: c.execute(version)
+        ),
+        _Statement(
+            "SELECT",
+            orders,
+            "lock orders (SELECT ... FOR UPDATE)",
+            lambda c: c.execute(applier.select_locked, no_orders).all(),
+        ),
+        *(
+            _Statement(
+                "UPDATE",
+                orders,
+                f"update orders (action {name})",
+                _executes(stmt, {**no_orders, "fired_at_": now}),
+            )
+            for name, stmt in applier.updates.items()
+        ),
+        _Statement(
+            "SELECT",
+            db.OUTCOMES_TABLE,
+            "look up recorded outcomes",
+            lambda c: c.execute(applier.select_recorded, {**no_orders, "due_ats": []}).all(),
+        ),
+        _Statement(
+            "INSERT",
+            db.OUTCOMES_TABLE,
+            "record an outcome",
+            lambda c: c.execute(db.outcomes.insert(), [probe_row]),
+        ),
+    ]
+
+
+def _executes(
+    statement: sa.Executable, params: dict[str, Any]
+) -> Callable[[sa.Connection], object]:
+    return lambda conn: conn.execute(statement, params)
+
+
+def check_database(engine: Engine, settings: Settings) -> list[str]:
+    """The schema line of db.check_schema and a line saying the database user may run
+    every statement the listener runs; raises NotReady naming the first privilege it lacks
+    ("database user 'shop' lacks UPDATE on table 'orders' ..."), or what else is wrong.
+
+    Calls db.check_schema itself, after probing the privileges: a user who may not read
+    delayq_alembic_version would otherwise be reported as an unreachable database."""
+    statements = _statements(engine, settings)
+    problem = _probe_statements(engine, settings, statements)
+    # Not migrated (or the orders table missing) is said best by the schema check.
+    lines = [db.check_schema(engine, settings)]
+    if problem is not None:
+        raise NotReady(problem)
+    user = engine.url.username
+    who = f"database user {user!r}" if user else "the database user"
+    privileges = sorted({s.privilege for s in statements})
+    lines.append(
+        f"{who} may {', '.join(privileges)} as the listener does "
+        f"({len(statements)} statements probed, rolled back)"
+    )
+    return lines
+
+
+def _probe_statements(
+    engine: Engine, settings: Settings, statements: Sequence[_Statement]
+) -> str | None:
+    """Run `statements` in one rolled-back transaction. Raises NotReady for a missing
+    privilege; returns what else failed first (left for after the schema check), or None."""
+    try:
+        conn = engine.connect()
+    except sa.exc.DBAPIError as exc:
+        raise db.unreachable(settings, exc) from None
+    with conn:
+        try:
+            tx = conn.begin()
+        except sa.exc.DBAPIError as exc:
+            raise db.unreachable(settings, exc) from None
+        try:
+            for statement in statements:
+                try:
+                    statement.run(conn)
+                except sa.exc.DBAPIError as exc:
+                    denied = _privilege_denied(exc, statement, engine)
+                    if denied:
+                        raise NotReady(denied) from None
+                    if exc.connection_invalidated:
+                        raise db.unreachable(settings, exc) from None
+                    return (
+                        f"database at {mask_url(settings.effective_database_url)} cannot "
+                        f"{statement.what}: {_line(exc.orig)}"
+                    )
+        finally:
+            # Nothing is kept; if the connection is gone, so is the transaction.
+            with contextlib.suppress(sa.exc.DBAPIError):
+                tx.rollback()
+    return None
+
+
+_MYSQL_COLUMN_RE = re.compile(
+    r"^(?P<priv>[A-Z][A-Z ]*?) command denied to user .*? for column [`'](?P<column>[^`']+)[`'] "
+    r"in table [`'](?P<table>[^`']+)[`']"
+)
+_MYSQL_TABLE_RE = re.compile(
+    r"^(?P<priv>[A-Z][A-Z ]*?) command denied to user .*? for table (?P<table>\S+)"
+)
+_PG_RE = re.compile(r"permission denied for (?P<kind>\w+) (?P<name>\S+)")
+
+
+def _privilege_denied(exc: sa.exc.DBAPIError, statement: _Statement, engine: Engine) -> str | None:
+    """The one-line message for a refused privilege, or None if `exc` is something else."""
+    orig: Any = exc.orig
+    user = engine.url.username
+    who = f"database user {user!r}" if user else "the database user"
+    privilege, target = statement.privilege, f"table {statement.table!r}"
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    if len(args) >= 2 and args[0] in _MYSQL_DENIED:
+        server = f"{args[0]}: {str(args[1]).splitlines()[0]}"
+        if m := _MYSQL_COLUMN_RE.match(str(args[1])):
+            privilege = m["priv"]
+            target = f"column {m['column']!r} of table {m['table']!r}"
+        elif m := _MYSQL_TABLE_RE.match(str(args[1])):
+            privilege = m["priv"]
+            target = f"table {m['table'].split('.')[-1].strip('`' + chr(39))!r}"
+    elif (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == _PG_DENIED:
+        server = f"{_PG_DENIED}: {_line(orig)}"
+        if m := _PG_RE.search(_line(orig)):
+            kind, name = m["kind"], m["name"].strip('"')
+            if kind == "sequence":
+                privilege = "USAGE"
+                target = f"sequence {name!r} (INSERT into {statement.table!r} draws its ids)"
+            elif kind == "schema":
+                privilege, target = "USAGE", f"schema {name!r}"
+            else:
+                target = f"{kind} {name!r}"
+    else:
+        return None
+    return f"{who} lacks {privilege} on {target} ({server}): see {DATABASE_GRANTS}"
+
+
+def _line(exc: object) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -187,6 +187,7 @@ def test_dashboard_shows_real_state_refuses_a_wrong_token_and_requeues_dead_lett
     listener: Callable[[dict[str, str], str], ListenerProcess],
     tmp_path: Path,
 ) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     # -- real state: applied firings, dead letters, pending timers ----------------------
@@ -225,8 +226,15 @@ def test_dashboard_shows_real_state_refuses_a_wrong_token_and_requeues_dead_lett
     assert statuses(DEAD) == {"unpaid"}
 
     # -- what the page shows --------------------------------------------------------------
+    def text_of(by: str, value: str) -> str:
+        # Right after a click the old page may be going away under us: that is "not yet".
+        try:
+            return str(browser.find_element(by, value).text)
+        except (StaleElementReferenceException, NoSuchElementException):
+            return ""
+
     def shown(ident: str) -> str:
-        return str(browser.find_element(By.ID, ident).text)
+        return text_of(By.ID, ident)
 
     def shown_fresh(ident: str) -> str:
         browser.get(base)
@@ -278,7 +286,7 @@ def test_dashboard_shows_real_state_refuses_a_wrong_token_and_requeues_dead_lett
     assert _post_requeue(base, None) == 403
     requeue_with("not-the-token")
     wait_for(
-        lambda: "refused" in browser.find_element(By.TAG_NAME, "body").text,
+        lambda: "refused" in text_of(By.TAG_NAME, "body"),
         WAIT_S,
         what="the refusal shown",
     )

@@ -148,12 +148,17 @@ def scratch_redis(url: str | None) -> Iterator[str]:
             _wait(lambda: _pings(url), 15, f"the bench's redis-server on port {port}")
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _terminate(proc, timeout_s=10)
+
+
+def _terminate(proc: subprocess.Popen[bytes], *, timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _pings(url: str) -> bool:
@@ -352,12 +357,7 @@ def listener_process(settings: Settings, log_path: Path) -> Iterator[subprocess.
             raise ServiceUnavailable(f"the listener exited: {log_path.read_text()[-500:]}")
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _terminate(proc, timeout_s=30)
 
 
 def _subscribed(settings: Settings) -> bool:

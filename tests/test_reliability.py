@@ -198,6 +198,27 @@ def test_subscriber_killed_during_a_burst_loses_nothing(
 # `limited_user` fixture from conftest.py) ------------------------------------------------
 
 
+def _limited_env(
+    redis: RedisServer,
+    mariadb_url: str,
+    limited_user: tuple[str, Callable[[bool], None]],
+    tmp_path: Path,
+    max_attempts: str,
+) -> tuple[dict[str, str], Callable[[bool], None]]:
+    """Migrate as root, then a listener environment as the limited user (privileges on)."""
+    _env(redis, mariadb_url, tmp_path)
+    user_url, grant = limited_user
+    grant(True)
+    env = clean_env(
+        REDIS_URL=redis.url(0),
+        DATABASE_URL=user_url,
+        HOME=str(tmp_path),
+        **FAST,
+        MAX_ATTEMPTS=max_attempts,
+    )
+    return env, grant
+
+
 def test_database_outage_keeps_timers_pending_until_it_returns(
     redis_server: RedisServer,
     mariadb_url: str,
@@ -205,16 +226,7 @@ def test_database_outage_keeps_timers_pending_until_it_returns(
     tmp_path: Path,
     listeners: ListenerFactory,
 ) -> None:
-    _env(redis_server, mariadb_url, tmp_path)  # migrate as root
-    user_url, grant = limited_user
-    grant(True)
-    env = clean_env(
-        REDIS_URL=redis_server.url(0),
-        DATABASE_URL=user_url,
-        HOME=str(tmp_path),
-        **FAST,
-        MAX_ATTEMPTS="1000",
-    )
+    env, grant = _limited_env(redis_server, mariadb_url, limited_user, tmp_path, "1000")
     engine = engine_for(mariadb_url)
     sns = _orders(300)
     create_orders(engine, sns)
@@ -239,16 +251,7 @@ def test_timers_failing_too_often_are_dead_lettered_and_retry_dead_requeues_them
     tmp_path: Path,
     listeners: ListenerFactory,
 ) -> None:
-    _env(redis_server, mariadb_url, tmp_path)
-    user_url, grant = limited_user
-    grant(True)
-    env = clean_env(
-        REDIS_URL=redis_server.url(0),
-        DATABASE_URL=user_url,
-        HOME=str(tmp_path),
-        **FAST,
-        MAX_ATTEMPTS="3",
-    )
+    env, grant = _limited_env(redis_server, mariadb_url, limited_user, tmp_path, "3")
     engine = engine_for(mariadb_url)
     sns = _orders(50)
     create_orders(engine, sns)

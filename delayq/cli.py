@@ -117,7 +117,8 @@ def listen(
     http = http or dq.settings.http
     address = parse_address(http) if http else None
     for line in dq.check(configure_redis=configure_redis):
-        logging.getLogger("delayq").info(line)
+        level = logging.WARNING if line.startswith("warning:") else logging.INFO
+        logging.getLogger("delayq").log(level, line.removeprefix("warning: "))
     listener = dq.listener()
     server = serve(listener, address, dq.settings.dashboard_token) if address else None
 
@@ -149,7 +150,7 @@ def check(
     if role not in ("listener", "producer"):
         raise InvalidInput(f"invalid --role {role!r}: use listener or producer")
     for line in _dq(ctx).check(configure_redis=configure_redis, role=role):
-        print(f"ok: {line}")
+        print(line if line.startswith("warning:") else f"ok: {line}")
 
 
 @app.command()

@@ -20,7 +20,13 @@ from delayq.keys import Keys, timer_key
 from delayq.listener import Listener
 from delayq.permissions import check_database, check_redis
 from delayq.producer import Producer
-from delayq.redis_conn import Scripts, check_notifications, connect, keys_for
+from delayq.redis_conn import (
+    Scripts,
+    check_notifications,
+    check_persistence,
+    connect,
+    keys_for,
+)
 from delayq.settings import Settings, mask_url
 from delayq.timing import from_ms
 
@@ -75,6 +81,7 @@ class Delayq:
         if role == "producer":
             return lines
         lines.append(check_notifications(self.redis, self.redis_url, configure=configure_redis))
+        lines.append(check_persistence(self.redis))
         try:
             lines += check_database(self.engine, self.settings)
         except sa.exc.OperationalError as exc:

@@ -95,6 +95,27 @@ def has_expired_events(flags: str) -> bool:
     return "E" in flags and ("x" in flags or "A" in flags)
 
 
+def check_persistence(client: redis.Redis) -> str:
+    """A status line on whether pending timers survive a Redis restart (never fatal:
+    a cache-only Redis is a choice, but it should be a conscious one)."""
+    try:
+        conf = client.config_get("appendonly")
+        conf.update(client.config_get("save"))
+    except redis.ResponseError:
+        return "persistence could not be read (CONFIG not allowed); make sure appendonly is yes"
+    if conf.get("appendonly") == "yes":
+        return "appendonly is on: pending timers survive a Redis restart"
+    if conf.get("save"):
+        return (
+            "warning: appendonly is off (RDB snapshots only): timers scheduled since the last "
+            "snapshot are lost if Redis restarts; set appendonly yes"
+        )
+    return (
+        "warning: Redis keeps nothing on disk (appendonly no, no save points): every pending "
+        "timer is lost if Redis restarts; set appendonly yes"
+    )
+
+
 def check_notifications(client: redis.Redis, url: str, *, configure: bool = False) -> str:
     """Make sure Redis publishes 'expired' keyevents; returns a one-line status.
 

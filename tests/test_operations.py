@@ -266,3 +266,18 @@ def test_database_connections_dropped_by_the_server_are_replaced_at_once(
     (k2,) = [r for r in outcome_rows(engine) if r.order_sn == "K2"]
     # Not through the retry backoff (>= 500 ms): a fresh connection at once.
     assert k2.outcome == "applied" and k2.lateness_ms < 400, k2
+
+
+def test_check_warns_when_redis_would_lose_pending_timers_on_restart(
+    redis_factory: Callable[..., RedisServer], sqlite_url: str, tmp_path: Path
+) -> None:
+    volatile, durable = redis_factory(appendonly=False), redis_factory(appendonly=True)
+    for server, expected in (
+        (volatile, "warning: Redis keeps nothing on disk"),
+        (durable, "ok: appendonly is on"),
+    ):
+        env = clean_env(REDIS_URL=server.url(0), DATABASE_URL=sqlite_url, HOME=str(tmp_path))
+        migrate_cli(env)
+        done = run_cli("check", env=env)
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout, done.stdout

@@ -24,6 +24,7 @@ from delayq.redis_conn import (
     Scripts,
     check_notifications,
     check_persistence,
+    client_url,
     connect,
     keys_for,
 )
@@ -43,8 +44,7 @@ class Delayq:
 
     @cached_property
     def redis_url(self) -> str:
-        kw = self.redis.connection_pool.connection_kwargs
-        return self.settings.redis_url or f"unix://{kw.get('path')}?db={kw.get('db', 0)}"
+        return self.settings.redis_url or client_url(self.redis)
 
     @cached_property
     def keys(self) -> Keys:
@@ -180,9 +180,4 @@ class Delayq:
 
     def retry_dead(self, timer_keys: list[str]) -> int:
         """Re-queue dead-lettered timers (all when `timer_keys` is empty) to fire now."""
-        return int(
-            self.scripts.retry_dead(
-                keys=[self.keys.due, self.keys.dead],
-                args=[self.keys.wake_channel, *timer_keys],
-            )
-        )
+        return self.scripts.requeue_dead(self.keys, timer_keys)

@@ -209,11 +209,7 @@ class Listener:
 
     def retry_dead(self, timer_keys: Sequence[str]) -> int:
         """Re-queue dead-lettered timers (all if none are named) to fire now."""
-        return int(
-            self.scripts.retry_dead(
-                keys=[self.keys.due, self.keys.dead], args=[self.keys.wake_channel, *timer_keys]
-            )
-        )
+        return self.scripts.requeue_dead(self.keys, timer_keys)
 
     def claim_due(self) -> tuple[float, int, list[Firing]]:
         """Claim due timers and timers whose lease ran out: (Redis now in ms with its

@@ -12,7 +12,7 @@ import redis
 
 from delayq.errors import InvalidInput, ServiceUnavailable
 from delayq.keys import Keys, timer_key
-from delayq.redis_conn import Scripts, connect, keys_for
+from delayq.redis_conn import Scripts, client_url, connect, keys_for
 from delayq.settings import Settings, mask_url
 from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
 
@@ -99,15 +99,8 @@ class Producer:
         try:
             return call()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            url = mask_url(_url_of(self.client))
+            url = mask_url(client_url(self.client))
             raise ServiceUnavailable(f"Redis at {url} is not reachable: {exc}") from None
-
-
-def _url_of(client: redis.Redis) -> str:
-    kw = client.connection_pool.connection_kwargs
-    if "path" in kw:
-        return f"unix://{kw['path']}"
-    return f"redis://{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
 
 
 def _spec(delay: Delay | datetime) -> tuple[str, int]:

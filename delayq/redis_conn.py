@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -52,6 +53,17 @@ def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
     return client
 
 
+def client_url(client: redis.Redis) -> str:
+    """A URL for what `client` talks to (no password: it is for messages)."""
+    kw = client.connection_pool.connection_kwargs
+    db = kw.get("db", 0) or 0
+    if "path" in kw:
+        return f"unix://{kw['path']}?db={db}"
+    pool = client.connection_pool
+    scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"
+    return f"{scheme}://{kw.get('host')}:{kw.get('port')}/{db}"
+
+
 def keys_for(client: redis.Redis, settings: Settings) -> Keys:
     db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
     return Keys(namespace=settings.namespace, db=checked_db(db))
@@ -70,6 +82,12 @@ class Scripts:
     retry_dead: Script
     release: Script
     heartbeat: Script
+
+    def requeue_dead(self, keys: Keys, timer_keys: Sequence[str]) -> int:
+        """Put dead-lettered timers (all of them when none are named) back to fire now."""
+        return int(
+            self.retry_dead(keys=[keys.due, keys.dead], args=[keys.wake_channel, *timer_keys])
+        )
 
     @classmethod
     def register(cls, client: redis.Redis) -> Scripts:

@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from delayq.actions import APPLIED, Applier, Firing, Outcome
+from delayq.errors import DelayqError
 from delayq.keys import Keys
 from delayq.observe import Metrics, database_answers
 from delayq.redis_conn import Scripts
@@ -52,6 +53,11 @@ RECENT_WINDOW_MS = 120_000
 HEARTBEAT_S = 1.0
 #: Keyspace events handled per claim_expired call.
 EVENT_BATCH = 1000
+
+
+class ListenerCrashed(DelayqError):
+    """A listener thread died of an unexpected error; what it held comes back to Redis
+    when its lease runs out."""
 
 
 class Backoff:
@@ -122,6 +128,7 @@ class Listener:
         # sleeps (1, 2, 5, 10 ... ms): parallel appliers there only add lateness.
         self.appliers = 1 if engine.dialect.name == "sqlite" else settings.appliers
         self.claimed_here = RecentKeys()
+        self.crashed: str | None = None
 
     def stop(self) -> None:
         """Ask the listener to stop: called from a signal handler, so it only sets flags."""
@@ -138,11 +145,17 @@ class Listener:
         # collector's full passes, which otherwise stall the loop for tens of ms.
         gc.freeze()
         feeders = [
-            threading.Thread(target=self._subscribe_loop, name="delayq-subscriber", daemon=True),
-            threading.Thread(target=self._claim_loop, name="delayq-claimer", daemon=True),
+            threading.Thread(
+                target=self._guarded(self._subscribe_loop), name="delayq-subscriber", daemon=True
+            ),
+            threading.Thread(
+                target=self._guarded(self._claim_loop), name="delayq-claimer", daemon=True
+            ),
         ]
         appliers = [
-            threading.Thread(target=self._apply_loop, name=f"delayq-applier-{n}", daemon=True)
+            threading.Thread(
+                target=self._guarded(self._apply_loop), name=f"delayq-applier-{n}", daemon=True
+            )
             for n in range(self.appliers)
         ]
         for t in [*feeders, *appliers]:
@@ -154,7 +167,23 @@ class Listener:
             t.join()
         with contextlib.suppress(redis.RedisError):
             self.client.zrem(self.keys.listeners, self.id)
+        if self.crashed is not None:
+            raise ListenerCrashed(self.crashed)
         log.info("stopped")
+
+    def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
+        """A loop that dies of a bug stops the whole listener, which then exits non-zero
+        (systemd restarts it), instead of running on without it."""
+
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as exc:
+                log.exception("%s crashed; stopping", threading.current_thread().name)
+                self.crashed = f"{threading.current_thread().name} crashed: {_one_line(exc)}"
+                self.stop()
+
+        return run
 
     # -- claimer -------------------------------------------------------------------------
 

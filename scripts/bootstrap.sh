@@ -44,6 +44,10 @@ fi
 if ! command -v python3 >/dev/null; then
     missing+=(python3 python3-venv)
 fi
+# The TLS tests make their certificates with the openssl CLI.
+if ! command -v openssl >/dev/null; then
+    missing+=(openssl)
+fi
 # tests/test_dashboard.py runs these exact paths; Selenium must not fetch its own.
 if [[ ! -x /usr/bin/chromium ]]; then
     missing+=(chromium)

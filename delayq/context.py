@@ -109,7 +109,7 @@ class Delayq:
         k = self.keys
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.zscore(k.due, key)
+            pipe.zscore(k.shard(key), key)
             pipe.pttl(key)
             pipe.zscore(k.inflight, key)
             pipe.hget(k.inflight_due, key)
@@ -180,4 +180,4 @@ class Delayq:
 
     def retry_dead(self, timer_keys: list[str]) -> int:
         """Re-queue dead-lettered timers (all when `timer_keys` is empty) to fire now."""
-        return self.scripts.requeue_dead(self.keys, timer_keys)
+        return self.scripts.requeue_dead(self.redis, self.keys, timer_keys)

@@ -11,6 +11,9 @@ import redis
 from delayq.keys import Keys
 from delayq.timing import from_ms
 
+#: Overdue timers are counted in at most this many shards (a listener that is down for
+#: long has many; the count then says "at least").
+OVERDUE_SHARDS = 1000
 #: A listener whose last heartbeat is older than this is not counted as alive.
 LISTENER_ALIVE_MS = 10_000
 
@@ -21,14 +24,23 @@ def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> 
     sec, usec = client.time()
     now_ms = sec * 1000 + usec // 1000
     pipe = client.pipeline(transaction=False)
-    pipe.zcard(keys.due)
-    pipe.zrange(keys.due, 0, 0, withscores=True)
-    pipe.zcount(keys.due, "-inf", now_ms)
+    pipe.zrange(keys.heads, 0, -1)
+    pipe.zrange(keys.heads, 0, 0, withscores=True)
+    pipe.zrangebyscore(keys.heads, "-inf", now_ms, start=0, num=OVERDUE_SHARDS)
     pipe.zcard(keys.inflight)
     pipe.hlen(keys.dead)
     pipe.hscan(keys.dead, 0, count=dead_limit)
     pipe.zrangebyscore(keys.listeners, now_ms - LISTENER_ALIVE_MS, "+inf", withscores=True)
-    pending, head, overdue, inflight, dead_count, (_, dead), alive = pipe.execute()
+    shards, head, overdue_shards, inflight, dead_count, (_, dead), alive = pipe.execute()
+    # One small command per shard in a pipeline: other clients' commands run in between,
+    # which one Lua call summing 16,384 shards would not allow.
+    pipe = client.pipeline(transaction=False)
+    for shard_id in shards:
+        pipe.zcard(f"{keys.shard_prefix}{shard_id}")
+    for shard_id in overdue_shards:
+        pipe.zcount(f"{keys.shard_prefix}{shard_id}", "-inf", now_ms)
+    counts = pipe.execute() if shards else []
+    pending, overdue = sum(counts[: len(shards)]), sum(counts[len(shards) :])
     dead_list = []
     for key, raw in sorted(dead.items())[:dead_limit]:
         entry = json.loads(raw)

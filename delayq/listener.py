@@ -36,7 +36,7 @@ from sqlalchemy.engine import Engine
 
 from delayq.actions import APPLIED, Applier, Firing, Outcome
 from delayq.errors import DelayqError
-from delayq.keys import Keys
+from delayq.keys import Keys, shard_of
 from delayq.observe import Metrics, database_answers
 from delayq.redis_conn import Scripts
 from delayq.sdnotify import Notifier
@@ -238,14 +238,15 @@ class Listener:
 
     def retry_dead(self, timer_keys: Sequence[str]) -> int:
         """Re-queue dead-lettered timers (all if none are named) to fire now."""
-        return self.scripts.requeue_dead(self.keys, timer_keys)
+        return self.scripts.requeue_dead(self.client, self.keys, timer_keys)
 
     def claim_due(self) -> tuple[float, int, list[Firing]]:
         """Claim due timers and timers whose lease ran out: (Redis now in ms with its
         fraction, next due ms or -1, firings)."""
+        k = self.keys
         raw = self.scripts.claim_due(
-            keys=[self.keys.due, self.keys.inflight, self.keys.inflight_due],
-            args=[self.settings.batch_size, self.lease_ms],
+            keys=[k.heads, k.inflight, k.inflight_due],
+            args=[self.settings.batch_size, self.lease_ms, k.shard_prefix],
         )
         firings = _firings(raw[3:], reclaimed=int(raw[2]))
         if firings:
@@ -314,9 +315,12 @@ class Listener:
 
     def claim_expired(self, expired_keys: Sequence[str]) -> None:
         """Claim the timers named by keyspace events that nobody is firing yet."""
+        k = self.keys
+        args: list[str | int] = [self.lease_ms, k.shard_prefix]
+        for key in expired_keys:
+            args += [key, shard_of(key)]
         raw = self.scripts.claim_expired(
-            keys=[self.keys.due, self.keys.inflight, self.keys.inflight_due, self.keys.recent],
-            args=[self.lease_ms, *expired_keys],
+            keys=[k.heads, k.inflight, k.inflight_due, k.recent], args=args
         )
         for firing in _firings(raw):
             self.queue.put(firing)

@@ -36,7 +36,7 @@ from sqlalchemy.engine import Engine
 from delayq import db
 from delayq.actions import Applier, utcnow
 from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
-from delayq.keys import Keys
+from delayq.keys import Keys, shard_of
 from delayq.redis_conn import Scripts
 from delayq.settings import Settings, mask_url
 
@@ -98,7 +98,8 @@ def _producer_commands(k: Keys) -> list[_Command]:
     return [
         _cmd("PING"),
         _cmd("TIME"),
-        *_no_op_zset("ZSCORE", "ZRANGE", "ZREM", "ZADD", key=k.due),
+        *_no_op_zset("ZSCORE", "ZRANGE", "ZREM", "ZADD", key=k.shard(PROBE_KEY)),
+        *_no_op_zset("ZRANGE", "ZREM", "ZADD", key=k.heads),
         *_no_op_zset("ZADD", key=k.recent),
         _cmd("SET", PROBE_KEY, "1", "XX", "KEEPTTL", key=PROBE_KEY),
         _cmd("DEL", PROBE_KEY, key=PROBE_KEY),
@@ -111,8 +112,10 @@ def _listener_commands(k: Keys) -> list[_Command]:
         _cmd("PING"),
         _cmd("TIME"),
         *_no_op_zset(
-            "ZSCORE", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", "ZCOUNT", key=k.due
+            "ZSCORE", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCOUNT", key=k.shard(PROBE_KEY)
         ),
+        *_no_op_zset("ZRANGE", "ZRANGEBYSCORE", "ZADD", "ZREM", key=k.heads),
+        _cmd("ZCARD", k.shard(PROBE_KEY), key=k.shard(PROBE_KEY)),
         *_no_op_zset("ZSCORE", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", key=k.inflight),
         *_no_op_zset("ZSCORE", "ZADD", "ZREMRANGEBYSCORE", key=k.recent),
         *_no_op_zset("ZADD", "ZREMRANGEBYSCORE", "ZRANGEBYSCORE", "ZREM", key=k.listeners),
@@ -140,17 +143,33 @@ def _script_calls(k: Keys) -> dict[str, dict[str, tuple[list[str], list[str | in
     """Per role, each script's (keys, args) for a call that finds nothing to do."""
     return {
         "producer": {
-            "schedule": ([k.due], [k.wake_channel]),  # no timers
-            "cancel": ([k.due, k.recent, PROBE_KEY], []),  # a timer that does not exist
+            "schedule": ([k.heads], [k.wake_channel]),  # no timers
+            # a timer that does not exist
+            "cancel": (
+                [k.heads, k.recent, PROBE_KEY, k.shard(PROBE_KEY)],
+                [shard_of(PROBE_KEY)],
+            ),
         },
         "listener": {
-            "claim_due": ([k.due, k.inflight, k.inflight_due], [0, 1]),  # claims at most 0
-            "claim_expired": ([k.due, k.inflight, k.inflight_due, k.recent], [1]),  # no events
+            # claims at most 0
+            "claim_due": (
+                [k.heads, k.inflight, k.inflight_due],
+                [0, 1, k.shard_prefix],
+            ),
+            # no events
+            "claim_expired": (
+                [k.heads, k.inflight, k.inflight_due, k.recent],
+                [1, k.shard_prefix],
+            ),
             # A window longer than the epoch: trims no tombstone.
             "ack": ([k.inflight, k.inflight_due, k.attempts, k.recent], [10**15]),
             "retry_later": ([k.inflight, k.inflight_due, k.attempts, k.dead], [1, 1, 1, "-"]),
             "release": ([k.inflight], []),
-            "retry_dead": ([k.due, k.dead], [k.wake_channel, PROBE_KEY]),  # not dead-lettered
+            # not dead-lettered
+            "retry_dead": (
+                [k.heads, k.dead],
+                [k.wake_channel, k.shard_prefix, PROBE_KEY, shard_of(PROBE_KEY)],
+            ),
         },
     }
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import redis
 
 from delayq.errors import InvalidInput, ServiceUnavailable
-from delayq.keys import Keys, timer_key
+from delayq.keys import Keys, shard_of, timer_key
 from delayq.redis_conn import Scripts, client_url, connect, keys_for
 from delayq.settings import Settings, mask_url
 from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
@@ -79,16 +79,22 @@ class Producer:
         there was none, or it is already firing (a paid order is never cancelled: the
         listener re-checks the order's status in the same transaction)."""
         key = timer_key(order_sn, action)
-        result = self._run(lambda: self.scripts.cancel(keys=[self.keys.due, self.keys.recent, key]))
+        k = self.keys
+        result: list[int] = self._run(
+            lambda: self.scripts.cancel(
+                keys=[k.heads, k.recent, key, k.shard(key)], args=[shard_of(key)]
+            )
+        )
         return bool(result[0])
 
     def _schedule_chunk(
         self, chunk: Sequence[tuple[str, str, int]], pipe: redis.client.Pipeline | None = None
     ) -> list[int]:
         args: list[str | int] = [self.keys.wake_channel]
-        for _, mode, value in chunk:
-            args += [mode, value]
-        keys = [self.keys.due, *(key for key, _, _ in chunk)]
+        keys = [self.keys.heads]
+        for key, mode, value in chunk:
+            args += [mode, value, shard_of(key)]
+            keys += [key, self.keys.shard(key)]
         if pipe is not None:
             self.scripts.schedule(keys=keys, args=args, client=pipe)
             return []

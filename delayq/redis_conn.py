@@ -11,7 +11,7 @@ import redis
 from redis.commands.core import Script
 
 from delayq.errors import NotReady, ServiceUnavailable
-from delayq.keys import Keys, checked_db
+from delayq.keys import Keys, checked_db, shard_of
 from delayq.settings import Settings, mask_url
 
 SCRIPT_NAMES = (
@@ -83,18 +83,21 @@ class Scripts:
     release: Script
     heartbeat: Script
 
-    def requeue_dead(self, keys: Keys, timer_keys: Sequence[str]) -> int:
+    def requeue_dead(self, client: redis.Redis, keys: Keys, timer_keys: Sequence[str]) -> int:
         """Put dead-lettered timers (all of them when none are named) back to fire now."""
-        return int(
-            self.retry_dead(keys=[keys.due, keys.dead], args=[keys.wake_channel, *timer_keys])
-        )
+        names = list(timer_keys) or [str(key) for key in client.hkeys(keys.dead)]
+        args: list[str | int] = [keys.wake_channel, keys.shard_prefix]
+        for key in names:
+            args += [key, shard_of(key)]
+        return int(self.retry_dead(keys=[keys.heads, keys.dead], args=args, client=client))
 
     @classmethod
     def register(cls, client: redis.Redis) -> Scripts:
         lua = files("delayq") / "lua"
+        prelude = (lua / "_prelude.lua").read_text()
         return cls(
             **{
-                name: client.register_script((lua / f"{name}.lua").read_text())
+                name: client.register_script(prelude + (lua / f"{name}.lua").read_text())
                 for name in SCRIPT_NAMES
             }
         )

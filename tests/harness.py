@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from delayq.db import make_engine
+from delayq.keys import Keys
 from delayq.settings import Settings
 from tests.servers import log_tail, start_process, stop_process, wait_for
 
@@ -138,3 +140,33 @@ def _as_datetimes(row: sa.Row[tuple[object, ...]]) -> tuple[object, ...]:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def index_score(client: redis.Redis, key: str) -> float | None:
+    """The due time (ms) of `key` in delayq's due index, or None."""
+    score: float | None = client.zscore(Keys().shard(key), key)
+    return score
+
+
+def index_members(client: redis.Redis) -> list[str]:
+    """Every timer key in the due index, earliest first."""
+    keys = Keys()
+    entries: list[tuple[str, float]] = []
+    for shard_id in client.zrange(keys.heads, 0, -1):
+        entries += client.zrange(f"{keys.shard_prefix}{shard_id}", 0, -1, withscores=True)
+    return [member for member, _ in sorted(entries, key=lambda e: (e[1], e[0]))]
+
+
+def index_size(client: redis.Redis) -> int:
+    """Timers in the due index; checks that `heads` names exactly the non-empty shards,
+    each with its earliest due time."""
+    keys = Keys()
+    heads = dict(client.zrange(keys.heads, 0, -1, withscores=True))
+    shard_keys = set(client.scan_iter(match=f"{keys.shard_prefix}*", count=10_000))
+    assert shard_keys == {f"{keys.shard_prefix}{s}" for s in heads}, "heads names every shard"
+    size = 0
+    for shard_id, head in heads.items():
+        first = client.zrange(f"{keys.shard_prefix}{shard_id}", 0, 0, withscores=True)
+        assert first and first[0][1] == head, f"head of shard {shard_id} is its earliest"
+        size += client.zcard(f"{keys.shard_prefix}{shard_id}")
+    return size

@@ -35,6 +35,7 @@ from tests.harness import (
     clean_env,
     create_orders,
     engine_for,
+    index_members,
     migrate_cli,
     outcome_rows,
     run_cli,
@@ -153,18 +154,21 @@ def test_producer_user_schedules_and_cancels_but_may_not_claim_listen_or_touch_o
     assert producer.cancel("SN9") is False
     lines = check_redis(client, Keys(), Scripts.register(client), role="producer")
 
-    assert admin.zrange(Keys().due, 0, -1) == ["SN2:cancel", "SN3:complete"]
+    assert index_members(admin) == ["SN2:cancel", "SN3:complete"]
     assert admin.pttl("SN2:cancel") > 0
     # Nothing the producer did was refused and then tolerated: its rules are complete.
     assert acl_refusals(admin) <= {"client|setinfo"}
     assert lines == [
         "Redis user 'delayq-producer' has every permission a producer needs "
-        "(13 commands, 2 scripts probed)"
+        "(16 commands, 2 scripts probed)"
     ]
     # What only a listener may do is refused.
     scripts = Scripts.register(client)
     with pytest.raises(redis.ResponseError, match="permission"):
-        scripts.claim_due(keys=[Keys().due, Keys().inflight, Keys().inflight_due], args=[10, 1000])
+        k = Keys()
+        scripts.claim_due(
+            keys=[k.heads, k.inflight, k.inflight_due], args=[10, 1000, k.shard_prefix]
+        )
     pubsub = client.pubsub()  # type: ignore[no-untyped-call]
     try:
         pubsub.psubscribe(Keys().expired_channel)
@@ -177,7 +181,7 @@ def test_producer_user_schedules_and_cancels_but_may_not_claim_listen_or_touch_o
     # Keys that are neither delayq's nor timers are out of reach.
     with pytest.raises(redis.ResponseError, match="permission"):
         client.set("session:42", "x")
-    assert admin.zrange(Keys().due, 0, -1) == ["SN2:cancel", "SN3:complete"]
+    assert index_members(admin) == ["SN2:cancel", "SN3:complete"]
 
 
 def test_permission_checks_of_both_users_and_the_admin_change_no_key_and_fire_nothing(
@@ -228,7 +232,7 @@ def test_permission_checks_of_both_users_and_the_admin_change_no_key_and_fire_no
 @pytest.mark.parametrize(
     ("role", "drop", "add", "expected"),
     [
-        ("producer", "+zadd", None, "'zadd' on key '{delayq}:due'"),
+        ("producer", "+zadd", None, "'zadd' on key '{delayq}:due:15377'"),
         ("producer", "~*:cancel", None, f"'set' on key '{PROBE_KEY}'"),
         ("producer", "+script|exists", None, "'script|exists'"),
         ("producer", "&{delayq}:wake", None, "'publish' on channel '{delayq}:wake'"),

@@ -12,6 +12,8 @@ from delayq.errors import InvalidInput, ServiceUnavailable
 from delayq.keys import Keys
 from delayq.producer import BULK_CHUNK, BULK_PIPELINE_DEPTH, Producer
 from delayq.timing import from_ms, to_ms
+from tests import harness
+from tests.harness import index_members, index_size
 from tests.servers import RedisServer, wait_for
 
 KEYS = Keys(db=0)
@@ -33,7 +35,7 @@ def redis_now_ms(client: redis.Redis) -> int:
 
 
 def index_score(client: redis.Redis, key: str) -> int | None:
-    score = client.zscore(KEYS.due, key)
+    score = harness.index_score(client, key)
     return None if score is None else int(score)
 
 
@@ -55,7 +57,7 @@ def test_scheduling_writes_a_ttl_key_and_an_index_entry_with_the_same_due_ms(
     assert before + 1_200_000 <= to_ms(due) <= after + 1_200_000
     assert client.get("SN123:cancel") is not None
     assert_armed(client, "SN123:cancel", due)
-    assert client.zrange(KEYS.due, 0, -1) == ["SN123:cancel"]
+    assert index_members(client) == ["SN123:cancel"]
 
 
 def test_scheduling_again_moves_the_due_time_last_write_wins(
@@ -69,7 +71,7 @@ def test_scheduling_again_moves_the_due_time_last_write_wins(
     later = producer.schedule("SN1", timedelta(hours=1))
     assert later > first
     assert_armed(client, "SN1:cancel", later)
-    assert client.zcard(KEYS.due) == 1
+    assert index_size(client) == 1
 
 
 def test_scheduling_at_an_absolute_aware_time_arms_exactly_that_time_in_utc(
@@ -168,7 +170,7 @@ def test_cancel_removes_the_ttl_key_and_the_index_entry(
     assert producer.cancel("SN1") is True
 
     assert client.exists("SN1:cancel") == 0
-    assert client.zscore(KEYS.due, "SN1:cancel") is None
+    assert index_score(client, "SN1:cancel") is None
 
 
 def test_cancelling_twice_returns_false_the_second_time(
@@ -177,7 +179,7 @@ def test_cancelling_twice_returns_false_the_second_time(
     producer.schedule("SN1", "20m")
     assert producer.cancel("SN1") is True
     assert producer.cancel("SN1") is False
-    assert client.zcard(KEYS.due) == 0
+    assert index_size(client) == 0
 
 
 def test_cancelling_a_never_scheduled_order_returns_false(
@@ -189,7 +191,7 @@ def test_cancelling_a_never_scheduled_order_returns_false(
 
     # The other order's timer is untouched.
     assert client.exists("SN2:cancel") == 1
-    assert client.zcard(KEYS.due) == 1
+    assert index_size(client) == 1
 
 
 def test_cancelling_a_due_timer_that_has_no_ttl_key_returns_true(
@@ -197,7 +199,7 @@ def test_cancelling_a_due_timer_that_has_no_ttl_key_returns_true(
 ) -> None:
     producer.schedule("SN1", 0)
     assert producer.cancel("SN1") is True
-    assert client.zscore(KEYS.due, "SN1:cancel") is None
+    assert index_score(client, "SN1:cancel") is None
 
 
 def test_cancelling_a_legacy_setex_timer_deletes_it(
@@ -251,8 +253,9 @@ def test_schedule_many_writes_twenty_thousand_mixed_timers(
 
     assert producer.schedule_many(items) == 20_000  # type: ignore[arg-type]
 
-    assert client.zcard(KEYS.due) == 20_000
-    assert client.dbsize() == 20_000 + 1  # every timer key, plus the index
+    assert index_size(client) == 20_000
+    # Every timer key, each index shard in use, and the shards' heads.
+    assert client.dbsize() == 20_000 + client.zcard(KEYS.heads) + 1
     assert client.exists("SN00000:cancel", "SN00001:complete", "SN00003:remind") == 3
     for key, due_ms in list(expected_at.items())[:50]:
         assert index_score(client, key) == due_ms
@@ -264,7 +267,7 @@ def test_schedule_many_of_a_generator_and_of_nothing(
 ) -> None:
     assert producer.schedule_many([]) == 0
     assert producer.schedule_many((f"G{i}", "1h") for i in range(3)) == 3
-    assert client.zcard(KEYS.due) == 3
+    assert index_size(client) == 3
 
 
 BAD_ITEMS = [

@@ -1,15 +1,16 @@
--- Cancel timers (the order was paid). KEYS: due index, recent set, then timer keys.
+-- Cancel timers (the order was paid). KEYS: heads, recent set, then per
+-- timer its timer key and its index shard. ARGV: per timer its shard number.
 -- Returns 1 per timer that was still pending, 0 per timer that was not (never set,
 -- already fired, or being fired now).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local out = {}
-for i = 3, #KEYS do
-  local key = KEYS[i]
+for i = 1, (#KEYS - 2) / 2 do
+  local key, shard = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local removed = 0
-  local score = redis.call('ZSCORE', KEYS[1], key)
+  local score = redis.call('ZSCORE', shard, key)
   if score then
-    redis.call('ZREM', KEYS[1], key)
+    redis.call('ZREM', shard, key)
+    refresh_head(KEYS[1], shard, ARGV[i])
     -- Due but not yet claimed: deleting the key below makes Redis emit 'expired';
     -- the tombstone stops a listener from taking that event for a legacy timer.
     if tonumber(score) <= now then redis.call('ZADD', KEYS[2], now, key) end

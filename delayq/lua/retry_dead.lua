@@ -1,18 +1,16 @@
 -- Put dead-lettered timers back in the due index with their original due time (so they
 -- fire at once), unless the same timer was scheduled again meanwhile.
--- KEYS: due index, dead hash.  ARGV: wake channel, then timer keys (none: all of them).
-local keys = {}
-if #ARGV > 1 then
-  for i = 2, #ARGV do keys[#keys + 1] = ARGV[i] end
-else
-  keys = redis.call('HKEYS', KEYS[2])
-end
+-- KEYS: heads, dead hash. ARGV: wake channel, shard key prefix, then per
+-- timer its key and its shard number.
 local n = 0
-for _, key in ipairs(keys) do
+for i = 3, #ARGV, 2 do
+  local key, shard_id = ARGV[i], ARGV[i + 1]
   local entry = redis.call('HGET', KEYS[2], key)
   if entry then
     local due = cjson.decode(entry).due_ms
-    redis.call('ZADD', KEYS[1], 'NX', due, key)
+    local shard = ARGV[2] .. shard_id
+    redis.call('ZADD', shard, 'NX', due, key)
+    refresh_head(KEYS[1], shard, shard_id)
     redis.call('HDEL', KEYS[2], key)
     n = n + 1
   end

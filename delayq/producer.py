@@ -17,9 +17,10 @@ from delayq.settings import Settings, mask_url
 from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
 
 DEFAULT_ACTION = "cancel"
-#: Timers per Lua call in schedule_many, and Lua calls per pipelined round trip.
-BULK_CHUNK = 500
-BULK_PIPELINE_DEPTH = 8
+#: Timers per Lua call in schedule_many (each call holds Redis for ~1-2 ms, so a bulk
+#: load delays a listener's claim by no more), and Lua calls per pipelined round trip.
+BULK_CHUNK = 100
+BULK_PIPELINE_DEPTH = 40
 
 T = TypeVar("T")
 Item = tuple[str, Delay | datetime] | tuple[str, Delay | datetime, str]

@@ -14,7 +14,6 @@ from sqlalchemy.engine import Engine
 
 from delayq import db, migrate
 from delayq.actions import utcnow
-from delayq.errors import ServiceUnavailable
 from delayq.figures import redis_figures
 from delayq.keys import Keys, timer_key
 from delayq.listener import Listener
@@ -27,6 +26,7 @@ from delayq.redis_conn import (
     client_url,
     connect,
     keys_for,
+    unreachable,
 )
 from delayq.settings import Settings, mask_url
 from delayq.timing import from_ms
@@ -93,9 +93,7 @@ class Delayq:
         try:
             figures = redis_figures(self.redis, self.keys)
         except redis.RedisError as exc:
-            raise ServiceUnavailable(
-                f"Redis at {mask_url(self.redis_url)} is not reachable: {exc}"
-            ) from None
+            raise unreachable(self.redis_url, exc) from None
         return {
             "redis": mask_url(self.redis_url),
             "database": mask_url(self.settings.effective_database_url),
@@ -117,9 +115,7 @@ class Delayq:
             pipe.hget(k.dead, key)
             due, ttl_ms, lease, claimed_due, attempts, dead = pipe.execute()
         except redis.RedisError as exc:
-            raise ServiceUnavailable(
-                f"Redis at {mask_url(self.redis_url)} is not reachable: {exc}"
-            ) from None
+            raise unreachable(self.redis_url, exc) from None
         if lease is not None:
             state = "in_flight"
         elif due is not None:

@@ -116,7 +116,6 @@ class Listener:
         self.metrics = Metrics()
         self.notifier = Notifier()
         self.id = f"{socket.gethostname()}:{os.getpid()}"
-        self.engine = engine
         self.subscribed = threading.Event()
         self.redis_outage = Outage(
             f"Redis at {mask_url(settings.redis_url)}", self.metrics.redis_reconnects.inc
@@ -231,7 +230,7 @@ class Listener:
             problems.append(f"redis: {_one_line(exc)}")
         if not self.subscribed.is_set():
             problems.append(f"subscription to {self.keys.expired_channel} is not live")
-        db_problem = database_answers(self.engine)
+        db_problem = database_answers(self.applier.engine)
         if db_problem:
             problems.append(db_problem)
         return problems

@@ -37,7 +37,7 @@ from delayq import db
 from delayq.actions import Applier, utcnow
 from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
 from delayq.keys import Keys, shard_of
-from delayq.redis_conn import Scripts
+from delayq.redis_conn import Scripts, client_url, unreachable
 from delayq.settings import Settings, mask_url
 
 #: An order id no shop uses: the probe's timer key. Never scheduled, so it never fires.
@@ -281,9 +281,7 @@ def _redis_denied(user: str, name: str, on: str, exc: redis.RedisError) -> str:
 
 
 def _redis_unreachable(client: redis.Redis, exc: redis.RedisError) -> ServiceUnavailable:
-    kw = client.connection_pool.connection_kwargs
-    where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
-    return ServiceUnavailable(f"Redis at {where} is not reachable: {_line(exc)}")
+    return unreachable(client_url(client), exc)
 
 
 # -- database --------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 
 import redis
 
-from delayq.errors import InvalidInput, ServiceUnavailable
+from delayq.errors import InvalidInput
 from delayq.keys import Keys, shard_of, timer_key
-from delayq.redis_conn import Scripts, client_url, connect, keys_for
-from delayq.settings import Settings, mask_url
+from delayq.redis_conn import Scripts, client_url, connect, keys_for, unreachable
+from delayq.settings import Settings
 from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
 
 DEFAULT_ACTION = "cancel"
@@ -106,8 +106,7 @@ class Producer:
         try:
             return call()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            url = mask_url(client_url(self.client))
-            raise ServiceUnavailable(f"Redis at {url} is not reachable: {exc}") from None
+            raise unreachable(client_url(self.client), exc) from None
 
 
 def _spec(delay: Delay | datetime) -> tuple[str, int]:

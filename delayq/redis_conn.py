@@ -27,6 +27,12 @@ SCRIPT_NAMES = (
 )
 
 
+def unreachable(url: str, exc: BaseException) -> ServiceUnavailable:
+    """The one-line error for a Redis that does not answer (password masked)."""
+    reason = (str(exc) or type(exc).__name__).splitlines()[0]
+    return ServiceUnavailable(f"Redis at {mask_url(url)} is not reachable: {reason}")
+
+
 def redis_url(settings: Settings) -> str:
     """The Redis URL to use: the configured one, or the embedded server (started if needed)."""
     if settings.redis_url:
@@ -49,7 +55,7 @@ def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
         client: redis.Redis = redis.Redis.from_url(url, **opts)
         client.ping()
     except redis.RedisError as exc:
-        raise ServiceUnavailable(f"Redis at {mask_url(url)} is not reachable: {exc}") from None
+        raise unreachable(url, exc) from None
     return client
 
 

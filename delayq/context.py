@@ -26,6 +26,7 @@ from delayq.redis_conn import (
     client_url,
     connect,
     keys_for,
+    server_identity,
     unreachable,
 )
 from delayq.settings import Settings, mask_url
@@ -77,6 +78,7 @@ class Delayq:
         permission when that is what is wrong. A producer needs neither keyspace events
         nor the database."""
         lines = [f"Redis at {mask_url(self.redis_url)} answers"]
+        lines.append(f"server: {server_identity(self.redis)}")
         lines += check_redis(self.redis, self.keys, self.scripts, role=role)
         if role == "producer":
             return lines

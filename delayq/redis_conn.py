@@ -70,6 +70,23 @@ def client_url(client: redis.Redis) -> str:
     return f"{scheme}://{kw.get('host')}:{kw.get('port')}/{db}"
 
 
+def server_identity(client: redis.Redis) -> str:
+    """Which server `client` talks to, e.g. "Valkey 9.1.2" or "Redis 7.0.15", from INFO server.
+
+    Valkey also reports redis_version (7.2.4, for clients that gate features on it), so its
+    own valkey_version is used when server_name says valkey. An ACL may refuse INFO."""
+    try:
+        info = client.info("server")
+    except redis.ResponseError:  # NoPermissionError included
+        return "Redis-compatible server (INFO not allowed)"
+    name = str(info.get("server_name") or "redis").lower()
+    if name == "valkey":
+        return f"Valkey {info.get('valkey_version') or info.get('redis_version', '?')}"
+    if name == "redis":
+        return f"Redis {info.get('redis_version', '?')}"
+    return f"{name} (redis_version {info.get('redis_version', '?')})"
+
+
 def keys_for(client: redis.Redis, settings: Settings) -> Keys:
     db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
     return Keys(namespace=settings.namespace, db=checked_db(db))

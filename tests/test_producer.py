@@ -14,9 +14,12 @@ from delayq.producer import BULK_CHUNK, BULK_PIPELINE_DEPTH, Producer
 from delayq.timing import from_ms, to_ms
 from tests import harness
 from tests.harness import index_members, index_size
-from tests.servers import RedisServer, wait_for
+from tests.servers import SERVER_KINDS, RedisServer, wait_for
 
 KEYS = Keys(db=0)
+
+# Every test here runs on Redis and on Valkey (the server_kind fixture, tests/conftest.py).
+pytestmark = pytest.mark.parametrize("server_kind", SERVER_KINDS)
 
 
 @pytest.fixture

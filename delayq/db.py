@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import socket
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,9 @@ Timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"
 OUTCOMES_TABLE = "delayq_outcomes"
 #: Alembic's version table, named so it never collides with the application's own Alembic.
 VERSION_TABLE = "delayq_alembic_version"
+#: Seconds to establish a connection (TCP, TLS and the server's greeting where the driver
+#: bounds that too).
+CONNECT_TIMEOUT_S = 5.0
 
 metadata = sa.MetaData()
 
@@ -47,8 +55,18 @@ def orders_table(settings: Settings) -> sa.TableClause:
     return sa.table(name, *(sa.column(c) for c in cols), schema=schema or None)
 
 
-def make_engine(settings: Settings, **kwargs: Any) -> Engine:
-    """An engine with a small pool: the listener holds no transaction open between batches."""
+def make_engine(
+    settings: Settings,
+    *,
+    timeout_s: float | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    pool_size: int | None = None,
+    **kwargs: Any,
+) -> Engine:
+    """An engine whose every read, write and statement is bounded by `timeout_s`
+    (default: DELAYQ_DB_TIMEOUT_S). Its pool holds `pool_size` connections, by default
+    enough that the listener's appliers never wait for one (they hold no transaction open
+    between batches). `kwargs` go to create_engine."""
     url_text = settings.effective_database_url
     try:
         url = make_url(url_text)
@@ -56,25 +74,106 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         raise InvalidInput(
             f"DELAYQ_DATABASE_URL: {mask_url(url_text)} is not a valid URL"
         ) from None
+    timeout_s = settings.db_timeout_s if timeout_s is None else timeout_s
     # No pre-ping: it costs a round trip per transaction. A connection the server dropped
     # fails its batch, which the listener retries at once on a fresh connection.
     opts: dict[str, Any] = {}
-    if url.get_backend_name() == "sqlite":
+    backend = url.get_backend_name()
+    if backend == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         opts["connect_args"] = {"timeout": 30}
     else:
-        opts.update(pool_size=4, max_overflow=4, pool_recycle=1800)
-        if url.get_backend_name() in ("mysql", "mariadb") or url.get_backend_name() == "postgresql":
-            opts["connect_args"] = {"connect_timeout": 5}
-    opts.update(kwargs)
+        if pool_size is None:
+            # One connection per applier and two for warm-up and `delayq check`; the
+            # overflow covers fresh ones opened while broken ones are still being closed.
+            opts.update(pool_size=settings.appliers + 2, max_overflow=settings.appliers)
+        else:
+            opts.update(pool_size=pool_size, max_overflow=0)
+        opts["pool_recycle"] = 1800
     try:
+        # Naming the driver loads the dialect, which may not exist: inside the try.
+        if backend != "sqlite":
+            opts["connect_args"] = _timeouts(url, timeout_s, connect_timeout_s)
+        opts.update(kwargs)
         engine = sa.create_engine(url, **opts)
     except (ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         raise InvalidInput(f"DELAYQ_DATABASE_URL: cannot use {mask_url(url_text)}: {exc}") from None
     if engine.dialect.name == "sqlite":
         _sqlite_serialised_writes(engine)
+    elif backend in ("mysql", "mariadb"):
+        _mariadb_idle_transaction_timeout(engine, timeout_s)
     return engine
+
+
+def _timeouts(url: sa.URL, timeout_s: float, connect_timeout_s: float) -> dict[str, Any]:
+    """Driver arguments that bound every wait on the server. TCP keepalive and
+    tcp_user_timeout catch a host that vanished; they cannot catch a link stalled behind a
+    proxy or NAT (its kernel ACKs), so the read timeouts and the listener's batch watch
+    (delayq.liveness) are the bounds that always hold. Settings in the URL win."""
+    whole_s = max(1, math.ceil(timeout_s))
+    args: dict[str, Any] = {}
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend in ("mysql", "mariadb", "postgresql"):
+        args["connect_timeout"] = max(1, math.ceil(connect_timeout_s))
+    if backend in ("mysql", "mariadb") and driver in ("pymysql", "mysqldb"):
+        args.update(read_timeout=whole_s, write_timeout=whole_s)
+    elif backend == "postgresql" and driver in ("psycopg", "psycopg2"):
+        timeout_ms = int(timeout_s * 1000)
+        args.update(
+            keepalives=1,
+            keepalives_idle=whole_s,
+            keepalives_interval=max(1, whole_s // 3),
+            keepalives_count=3,
+            tcp_user_timeout=timeout_ms,
+        )
+        # Server side: a statement (a lock wait included) ends after timeout_s, and a
+        # session whose client vanished mid-transaction gives up its row locks.
+        server = (
+            f"-c statement_timeout={timeout_ms} -c idle_in_transaction_session_timeout={timeout_ms}"
+        )
+        given = url.query.get("options")
+        args["options"] = f"{given} {server}" if isinstance(given, str) else server
+    return {k: v for k, v in args.items() if k == "options" or k not in url.query}
+
+
+def _mariadb_idle_transaction_timeout(engine: Engine, timeout_s: float) -> None:
+    # A client that vanished mid-transaction (its host gone, a link stalled) would hold its
+    # row locks until TCP gives up, hours later: MariaDB ends such a transaction itself.
+    # MySQL has no such variable, hence the version check rather than an init_command.
+    statement = f"SET SESSION idle_transaction_timeout = {max(1, math.ceil(timeout_s))}"
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        server_info = getattr(dbapi_conn, "get_server_info", None)  # PyMySQL, mysqlclient
+        if server_info is not None and "mariadb" in str(server_info()).lower():
+            with contextlib.closing(dbapi_conn.cursor()) as cursor:
+                cursor.execute(statement)
+
+
+def break_connection(dbapi_conn: Any) -> None:
+    """Make whatever blocks on `dbapi_conn` in another thread fail at once: its socket is
+    shut down (no RST is needed from the server), so the driver raises a disconnect error
+    and the pool discards the connection. SQLite has no socket: it is interrupted."""
+    if isinstance(dbapi_conn, sqlite3.Connection):
+        dbapi_conn.interrupt()
+        return
+    sock = getattr(dbapi_conn, "_sock", None)  # PyMySQL
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return
+    fileno = getattr(dbapi_conn, "fileno", None)  # psycopg, psycopg2
+    if fileno is None:
+        return
+    try:
+        fd = os.dup(fileno())
+    except Exception:  # closed already, or a driver without a usable descriptor
+        return
+    # A duplicate shares the socket: shutting it down wakes the driver's own descriptor,
+    # and closing the duplicate leaves that descriptor to the driver.
+    with socket.socket(fileno=fd) as dup, contextlib.suppress(OSError):
+        dup.shutdown(socket.SHUT_RDWR)
 
 
 def _sqlite_serialised_writes(engine: Engine) -> None:

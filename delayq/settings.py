@@ -87,6 +87,13 @@ class Settings:
     retry_backoff_max_s: float = 60.0
     #: Cap of the wait between Redis reconnect attempts.
     reconnect_backoff_max_s: float = 5.0
+    #: Bound on each database read and write, server-side statement timeout (PostgreSQL) and
+    #: idle-in-transaction timeout (MariaDB, PostgreSQL): a link that stops answering fails
+    #: instead of hanging until TCP gives up, hours later.
+    db_timeout_s: float = 10.0
+    #: A batch still running after this long is abandoned: its database connection is
+    #: broken and the batch retried on a fresh one. Keep it above the slowest healthy batch.
+    batch_timeout_s: float = 30.0
     #: Serve /metrics, /healthz, /readyz and the dashboard on HOST:PORT (off when empty).
     http: str | None = None
     #: Token the dashboard's re-queue button asks for (re-queueing is off when empty).
@@ -151,6 +158,8 @@ class Settings:
             "retry_backoff_s",
             "retry_backoff_max_s",
             "reconnect_backoff_max_s",
+            "db_timeout_s",
+            "batch_timeout_s",
         ):
             if not math.isfinite(getattr(self, name)):
                 raise InvalidInput(f"DELAYQ_{name.upper()}: must be a finite number of seconds")
@@ -166,6 +175,9 @@ class Settings:
             )
         if self.reconnect_backoff_max_s <= 0:
             raise InvalidInput("DELAYQ_RECONNECT_BACKOFF_MAX_S: must be > 0")
+        for name in ("db_timeout_s", "batch_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidInput(f"DELAYQ_{name.upper()}: must be > 0")
 
     def _validate_urls(self) -> None:
         # Checked here, before anything connects or the embedded Redis starts.

@@ -18,15 +18,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from delayq.db import orders_table, outcomes
-from delayq.errors import InvalidInput
-from delayq.keys import parse_timer_key
 from delayq.settings import Settings
-from delayq.timing import from_ms
+from delayq.store import Firing
+from delayq.timing import ACTION_RE, ORDER_SN_RE, from_ms
 
 APPLIED = "applied"
 NOT_FOUND = "not_found"
 UNKNOWN_ACTION = "unknown_action"
 MALFORMED_KEY = "malformed_key"
+#: A key `ORDER_SN:FLAG` whose flag is no action name (the PHP producer's `SN1:1`) and
+#: is not mapped to one by DELAYQ_FLAG_ACTIONS.
+UNMAPPED_FLAG = "unmapped_flag"
 ALREADY_RECORDED = "already_recorded"  # not stored: the earlier outcome stands
 
 
@@ -58,16 +60,6 @@ def actions_from(settings: Settings) -> dict[str, Action]:
 
 
 @dataclass(frozen=True)
-class Firing:
-    """One claimed timer: its key and the due time it fires for."""
-
-    key: str
-    due_ms: int
-    #: Claimed before (lease ran out, retry, hand-back): its outcome may be committed already.
-    reclaimed: bool = False
-
-
-@dataclass(frozen=True)
 class Outcome:
     firing: Firing
     order_sn: str
@@ -95,6 +87,7 @@ class Applier:
         self.engine = engine
         self.settings = settings
         self.actions = actions_from(settings)
+        self.flags = settings.flag_action_map
         self.orders = orders_table(settings)
         self.clock = clock
         # Statements are built once: building them per batch was a third of the CPU a
@@ -131,15 +124,28 @@ class Applier:
     def apply(self, firings: Sequence[Firing]) -> list[Outcome]:
         """Apply `firings` in one transaction; returns one outcome per firing. Raises the
         database's exception if the transaction fails (nothing is then applied)."""
-        parsed: list[tuple[Firing, str, str]] = []
-        for f in firings:
-            try:
-                order_sn, action = parse_timer_key(f.key)
-            except InvalidInput:
-                order_sn, action = f.key[:64], "?"
-            parsed.append((f, order_sn, action))
+        # A firing claimed twice by this listener (its lease ran out while it was queued)
+        # is applied once.
+        unique = {f.id: f for f in firings}.values()
+        parsed = [(f, *self.parse_key(f.key)) for f in unique]
+        try:
+            return self._apply(parsed, check_all=False)
+        except sa.exc.IntegrityError:
+            # A fresh claim whose outcome exists after all: the same timer was scheduled
+            # again for a due time that has already fired. Look every firing up.
+            return self._apply(parsed, check_all=True)
+
+    def parse_key(self, key: str) -> tuple[str, str]:
+        """(order_sn, action) of a timer key; the action is '?' for a key that is not a
+        timer, and the flag itself (say '1') when it names no action and has no mapping."""
+        order_sn, sep, flag = key.rpartition(":")
+        if not sep or not ORDER_SN_RE.fullmatch(order_sn) or not flag:
+            return key[:64], "?"
+        return order_sn, self.flags.get(flag, flag)
+
+    def _apply(self, parsed: list[tuple[Firing, str, str]], *, check_all: bool) -> list[Outcome]:
         with self.engine.begin() as conn:
-            recorded = self._recorded(conn, parsed)
+            recorded = self._recorded(conn, parsed, check_all=check_all)
             todo = [p for p in parsed if _identity(p) not in recorded]
             statuses = self._lock_orders(conn, {sn for _, sn, a in todo if a in self.actions})
             fired_at = self.clock()
@@ -171,7 +177,7 @@ class Applier:
             for _ in range(connections):
                 conn = stack.enter_context(self.engine.connect())
                 with conn.begin() as tx:
-                    self._recorded(conn, [(probe, "delayq-warm-up", "cancel")])
+                    self._recorded(conn, [(probe, "delayq-warm-up", "cancel")], check_all=True)
                     self._lock_orders(conn, {"delayq-warm-up"})
                     now = self.clock()
                     self._update(conn, self.actions["cancel"], ["delayq-warm-up"], now)
@@ -186,18 +192,18 @@ class Applier:
             return MALFORMED_KEY
         spec = self.actions.get(action)
         if spec is None:
-            return UNKNOWN_ACTION
+            return UNKNOWN_ACTION if ACTION_RE.fullmatch(action) else UNMAPPED_FLAG
         status = statuses.get(order_sn)
         if status is None:
             return NOT_FOUND
         return APPLIED if status == spec.from_status else spec.skipped
 
     def _recorded(
-        self, conn: sa.Connection, parsed: list[tuple[Firing, str, str]]
+        self, conn: sa.Connection, parsed: list[tuple[Firing, str, str]], *, check_all: bool
     ) -> set[tuple[str, str, datetime]]:
         # Only a firing claimed before can have an outcome already: a fresh claim is
         # atomic, so the look-up is skipped for the common case.
-        parsed = [p for p in parsed if p[0].reclaimed]
+        parsed = [p for p in parsed if check_all or p[0].reclaimed]
         order_sns = sorted({sn for _, sn, _ in parsed})
         if not order_sns:
             return set()

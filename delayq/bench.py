@@ -33,13 +33,14 @@ import sqlalchemy as sa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from delayq import migrate
-from delayq.actions import Applier, Firing
+from delayq.actions import Applier
 from delayq.db import make_engine, outcomes
 from delayq.embedded import redis_server_binary
 from delayq.errors import InvalidInput, ServiceUnavailable
 from delayq.keys import Keys, timer_key
 from delayq.producer import Producer
 from delayq.settings import Settings, mask_url
+from delayq.store import Firing
 from delayq.timing import from_ms
 
 #: Seconds between scheduling the measured timers and the first of them falling due.
@@ -135,7 +136,7 @@ def scratch_redis(url: str | None) -> Iterator[str]:
                 "--appendonly",
                 "no",
                 "--notify-keyspace-events",
-                "Ex",
+                "Egx",
                 "--logfile",
                 str(Path(tmp) / "redis.log"),
             ],

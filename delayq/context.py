@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from datetime import timedelta
 from functools import cached_property
 from typing import Any
@@ -30,6 +29,7 @@ from delayq.redis_conn import (
     unreachable,
 )
 from delayq.settings import Settings, mask_url
+from delayq.store import TimerStore
 from delayq.timing import from_ms
 
 
@@ -106,26 +106,18 @@ class Delayq:
     def inspect(self, order_sn: str, action: str) -> dict[str, Any]:
         """Everything known about one timer: due time, TTL, claim, dead letter, last outcome."""
         key = timer_key(order_sn, action)
-        k = self.keys
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zscore(k.shard(key), key)
-            pipe.pttl(key)
-            pipe.zscore(k.inflight, key)
-            pipe.hget(k.inflight_due, key)
-            pipe.hget(k.attempts, key)
-            pipe.hget(k.dead, key)
-            due, ttl_ms, lease, claimed_due, attempts, dead = pipe.execute()
+            t = TimerStore(self.redis, self.keys, self.scripts).timer_state(key)
         except redis.RedisError as exc:
             raise unreachable(self.redis_url, exc) from None
-        if lease is not None:
+        if t.claims:
             state = "in_flight"
-        elif due is not None:
+        elif t.pending_due_ms is not None:
             state = "pending"
-        elif dead is not None:
+        elif t.dead:
             state = "dead_lettered"
-        elif ttl_ms >= 0:
-            state = "legacy_key"  # a TTL key without an index entry: fires on its event
+        elif t.ttl_ms is not None:
+            state = "legacy_key"  # a TTL key the listener has not adopted (yet)
         else:
             state = "none"
         o = db.outcomes
@@ -143,16 +135,19 @@ class Delayq:
         return {
             "timer": key,
             "state": state,
-            "due_at": from_ms(int(due)).isoformat() if due is not None else None,
-            "ttl_ms": ttl_ms if ttl_ms >= 0 else None,
-            "claim": None
-            if lease is None
-            else {
-                "lease_until": from_ms(int(lease)).isoformat(),
-                "due_at": from_ms(int(claimed_due)).isoformat() if claimed_due else None,
-                "failed_attempts": int(attempts or 0),
-            },
-            "dead_letter": json.loads(dead) if dead else None,
+            "due_at": None if t.pending_due_ms is None else from_ms(t.pending_due_ms).isoformat(),
+            "ttl_ms": t.ttl_ms,
+            # Firings being applied or waiting for a retry: more than one when the timer
+            # was rescheduled while an earlier firing was being applied.
+            "claims": [
+                {
+                    "due_at": from_ms(firing.due_ms).isoformat(),
+                    "lease_until": from_ms(lease).isoformat(),
+                    "failed_attempts": attempts,
+                }
+                for firing, lease, attempts in t.claims
+            ],
+            "dead_letters": t.dead,
             "last_outcome": None
             if last is None
             else {
@@ -176,6 +171,10 @@ class Delayq:
         except sa.exc.OperationalError as exc:
             raise db.unreachable(self.settings, exc) from None
 
-    def retry_dead(self, timer_keys: list[str]) -> int:
-        """Re-queue dead-lettered timers (all when `timer_keys` is empty) to fire now."""
-        return self.scripts.requeue_dead(self.redis, self.keys, timer_keys)
+    def retry_dead(self, names: list[str]) -> int:
+        """Re-queue dead-lettered firings (of the timers or firings named; all when none
+        are) to fire now."""
+        try:
+            return TimerStore(self.redis, self.keys, self.scripts).requeue_dead(names)
+        except redis.RedisError as exc:
+            raise unreachable(self.redis_url, exc) from None

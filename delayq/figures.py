@@ -27,11 +27,13 @@ def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> 
     pipe.zrange(keys.heads, 0, -1)
     pipe.zrange(keys.heads, 0, 0, withscores=True)
     pipe.zrangebyscore(keys.heads, "-inf", now_ms, start=0, num=OVERDUE_SHARDS)
-    pipe.zcard(keys.inflight)
+    pipe.zcard(keys.claims)
     pipe.hlen(keys.dead)
-    pipe.hscan(keys.dead, 0, count=dead_limit)
     pipe.zrangebyscore(keys.listeners, now_ms - LISTENER_ALIVE_MS, "+inf", withscores=True)
-    shards, head, overdue_shards, inflight, dead_count, (_, dead), alive = pipe.execute()
+    if dead_limit > 0:  # HSCAN ... COUNT 0 is a syntax error
+        pipe.hscan(keys.dead, 0, count=dead_limit)
+    shards, head, overdue_shards, inflight, dead_count, alive, *scanned = pipe.execute()
+    dead = scanned[0][1] if scanned else {}
     # One small command per shard in a pipeline: other clients' commands run in between,
     # which one Lua call summing 16,384 shards would not allow.
     pipe = client.pipeline(transaction=False)
@@ -46,7 +48,9 @@ def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> 
         entry = json.loads(raw)
         dead_list.append(
             {
-                "timer": key,
+                # Fields are firing ids (`KEY@DUE`); before 0.2 they were timer keys.
+                "firing": key,
+                "timer": entry.get("timer", key),
                 "due_at": from_ms(int(entry["due_ms"])).isoformat(),
                 "attempts": entry["attempts"],
                 "error": entry["error"],

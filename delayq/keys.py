@@ -66,24 +66,40 @@ class Keys:
         return self._k("heads")
 
     @property
+    def claims(self) -> str:
+        """ZSET firing id -> lease deadline (ms): every firing claimed and not yet
+        acknowledged, or waiting for a retry. Keyed by firing (timer key and due time), so
+        a timer rescheduled while one of its firings is being applied has two, and the
+        acknowledgement of one never touches the other."""
+        return self._k("claims")
+
+    @property
+    def claims_per_key(self) -> str:
+        """HASH timer key -> how many of its firings are in `claims`: what cancel looks at
+        to tell whether a firing of the timer may still apply."""
+        return self._k("claims:keys")
+
+    @property
     def inflight(self) -> str:
-        """ZSET timer key -> lease deadline (ms): claimed, or waiting for a retry."""
+        """Before firing ids (0.1): ZSET timer key -> lease deadline. Listeners drain what
+        older listeners left there once its lease runs out, so a rolling upgrade loses
+        nothing; nothing new is written to it."""
         return self._k("inflight")
 
     @property
     def inflight_due(self) -> str:
-        """HASH timer key -> due time (ms) of the firing in flight."""
+        """Before firing ids (0.1): HASH timer key -> due time of the firing in `inflight`."""
         return self._k("inflight:due")
 
     @property
     def attempts(self) -> str:
-        """HASH timer key -> failed attempts of the firing in flight."""
+        """HASH firing id -> failed attempts of that firing."""
         return self._k("attempts")
 
     @property
     def dead(self) -> str:
-        """HASH timer key -> JSON {due_ms, attempts, error, dead_ms}: given up on, kept
-        for `delayq retry-dead`."""
+        """HASH firing id -> JSON {timer, due_ms, attempts, error, dead_ms}: given up on,
+        kept for `delayq retry-dead`. (Fields written before firing ids are timer keys.)"""
         return self._k("dead")
 
     @property
@@ -104,7 +120,36 @@ class Keys:
 
     @property
     def expired_channel(self) -> str:
+        """Published by Redis when a TTL key is deleted for having expired (flags `Ex`)."""
         return f"__keyevent@{self.db}__:expired"
+
+    @property
+    def expire_channel(self) -> str:
+        """Published by Redis when a TTL is set (SETEX, SET PX, EXPIRE...; flags `Eg`): how
+        timers armed by producers that do not use delayq are adopted the moment they are set."""
+        return f"__keyevent@{self.db}__:expire"
+
+    @property
+    def del_channel(self) -> str:
+        """Published by Redis on DEL (flags `Eg`): a legacy producer disarming its timer."""
+        return f"__keyevent@{self.db}__:del"
+
+    def is_own(self, key: str) -> bool:
+        """One of delayq's own keys (never a timer)."""
+        return key.startswith(f"{{{self.namespace}}}:")
+
+
+def firing_id(key: str, due_ms: int) -> str:
+    """A firing: one timer falling due at one time. `SN1:cancel@1767225600000`."""
+    return f"{key}@{due_ms}"
+
+
+def parse_firing_id(firing: str) -> tuple[str, int]:
+    """(timer key, due ms) of a firing id."""
+    key, sep, due = firing.rpartition("@")
+    if not sep or not due.isdigit():
+        raise InvalidInput(f"not a firing id: {firing!r}")
+    return key, int(due)
 
 
 def checked_db(db: int) -> int:

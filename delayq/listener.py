@@ -5,10 +5,15 @@ Three threads share one queue of claimed firings:
 * the claimer sleeps until the earliest due time in the index (or a lease running out),
   then claims what is due in one Lua call. This is what makes delayq exact: Redis's own
   expiry of TTL keys can run minutes late with many keys pending.
-* the subscriber PSUBSCRIBEs to `__keyevent@N__:expired`. Timers set by plain SETEX have no
-  index entry and are known only through their event; for indexed timers the event is a
-  harmless duplicate. It also listens on the wake channel, on which producers announce a
-  timer earlier than every pending one.
+* the subscriber listens to the keyspace events of the timer DB. `expire` (a TTL was set:
+  SETEX, SET PX, EXPIRE) adopts a timer armed by a producer that does not use delayq into
+  the index at its expiry time, so it fires as exactly as any other; `del` drops such a
+  timer when its producer deletes it before it is due; `expired` claims a legacy timer
+  whose `expire` event was missed (for indexed timers it is a harmless duplicate). It also
+  listens on the wake channel, on which producers announce a timer earlier than every
+  pending one.
+* the sweeper SCANs the timer DB at a bounded rate, from start-up on and for ever after,
+  adopting TTL keys that were set while no listener heard their `expire` event.
 * the applier takes what is queued (a micro-batch that grows with load), applies it in one
   short transaction, then acknowledges it in Redis. A failed batch goes back to Redis with
   a backoff; after too many attempts, to the dead letters.
@@ -29,18 +34,20 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from delayq.actions import APPLIED, Applier, Firing, Outcome
+from delayq.actions import APPLIED, UNMAPPED_FLAG, Applier, Outcome
 from delayq.errors import DelayqError
-from delayq.keys import Keys, shard_of
-from delayq.observe import Metrics, database_answers
-from delayq.redis_conn import Scripts
+from delayq.keys import Keys
+from delayq.liveness import Liveness
+from delayq.observe import Metrics
 from delayq.sdnotify import Notifier
 from delayq.settings import Settings, mask_url
+from delayq.store import Claim, Firing, TimerStore
 
 log = logging.getLogger("delayq.listener")
 
@@ -51,8 +58,10 @@ IDLE_CHECK_S = 1.0
 RECENT_WINDOW_MS = 120_000
 #: Seconds between heartbeats in the listeners set (alive = seen in the last 10 s).
 HEARTBEAT_S = 1.0
-#: Keyspace events handled per claim_expired call.
+#: Keyspace events handled per script call.
 EVENT_BATCH = 1000
+#: Keys the sweeper asks SCAN for per step.
+SWEEP_COUNT = 500
 
 
 class ListenerCrashed(DelayqError):
@@ -104,8 +113,11 @@ class Listener:
         self.settings = settings
         self.client = client
         self.keys = keys
-        self.scripts = Scripts.register(client)
+        self.store = TimerStore(client, keys)
         self.applier = Applier(engine, settings)
+        # Breaks a batch stuck on a dead database link; probes Redis and the database in
+        # the background, so that health answers at once.
+        self.liveness = Liveness(settings, client, engine)
         self.lease_ms = int(settings.lease_s * 1000)
         self.stopping = threading.Event()
         self.ready = threading.Event()
@@ -127,6 +139,11 @@ class Listener:
         # sleeps (1, 2, 5, 10 ... ms): parallel appliers there only add lateness.
         self.appliers = 1 if engine.dialect.name == "sqlite" else settings.appliers
         self.claimed_here = RecentKeys()
+        #: Timer keys the Redis user may not touch, each reported once (bounded).
+        self.refused_keys: set[str] = set()
+        #: When events may last have been missed (start-up, a resubscription): the sweeper
+        #: goes at full speed until a pass that began after it is complete.
+        self.sweep_requested = time.monotonic()
         self.crashed: str | None = None
 
     def stop(self) -> None:
@@ -136,6 +153,7 @@ class Listener:
 
     def run(self) -> None:
         """Run until stop(): then finish the batch in hand and give back the rest."""
+        self.liveness.start(self._guarded)
         try:
             self.applier.warm_up(self.appliers)
         except sa.exc.SQLAlchemyError as exc:
@@ -144,12 +162,12 @@ class Listener:
         # collector's full passes, which otherwise stall the loop for tens of ms.
         gc.freeze()
         feeders = [
-            threading.Thread(
-                target=self._guarded(self._subscribe_loop), name="delayq-subscriber", daemon=True
-            ),
-            threading.Thread(
-                target=self._guarded(self._claim_loop), name="delayq-claimer", daemon=True
-            ),
+            threading.Thread(target=self._guarded(loop), name=f"delayq-{name}", daemon=True)
+            for name, loop in (
+                ("subscriber", self._subscribe_loop),
+                ("claimer", self._claim_loop),
+                ("sweeper", self._sweep_loop),
+            )
         ]
         appliers = [
             threading.Thread(
@@ -164,6 +182,9 @@ class Listener:
         self.notifier.stopping()
         for t in [*feeders, *appliers]:
             t.join()
+        self.liveness.stop()
+        # Claimed while the appliers were finishing: give it back too.
+        self._release_queued()
         with contextlib.suppress(redis.RedisError):
             self.client.zrem(self.keys.listeners, self.id)
         if self.crashed is not None:
@@ -200,58 +221,47 @@ class Listener:
                 continue
             self.wake.clear()
             try:
-                now_ms, next_ms, firings = self.claim_due()
+                claim = self.claim_due()
             except redis.RedisError as exc:
                 self.redis_outage.failed(exc)
                 self.stopping.wait(backoff.next())
                 continue
             self.redis_outage.ok()
             backoff.reset()
-            for firing in firings:
+            for firing in claim.firings:
                 self.queue.put(firing)
-            if len(firings) >= self.settings.batch_size:
+            if len(claim.firings) >= self.settings.batch_size:
                 continue
-            wait_s = IDLE_CHECK_S if next_ms < 0 else (next_ms - now_ms) / 1000
+            next_ms = claim.next_ms
+            wait_s = IDLE_CHECK_S if next_ms < 0 else (next_ms - claim.now_ms) / 1000
             self.wake.wait(min(IDLE_CHECK_S, max(wait_s, 0.0)))
 
     def _heartbeat(self) -> bool:
         try:
-            self.scripts.heartbeat(keys=[self.keys.listeners], args=[self.id])
+            self.store.heartbeat(self.id)
         except redis.RedisError:
             return False  # the claim below reports the outage
         return True
 
     def health_problems(self) -> list[str]:
-        """Why this listener is not healthy, one line each; empty when it is."""
-        problems = []
-        try:
-            self.client.ping()
-        except redis.RedisError as exc:
-            problems.append(f"redis: {_one_line(exc)}")
+        """Why this listener is not healthy, one line each; empty when it is. Answers from
+        memory at once: the round trips to Redis and the database run in the background."""
+        problems = self.liveness.problems(queued=self.queue.qsize())
         if not self.subscribed.is_set():
             problems.append(f"subscription to {self.keys.expired_channel} is not live")
-        db_problem = database_answers(self.applier.engine)
-        if db_problem:
-            problems.append(db_problem)
         return problems
 
-    def retry_dead(self, timer_keys: Sequence[str]) -> int:
-        """Re-queue dead-lettered timers (all if none are named) to fire now."""
-        return self.scripts.requeue_dead(self.client, self.keys, timer_keys)
+    def retry_dead(self, names: Sequence[str]) -> int:
+        """Re-queue dead-lettered firings (all if none are named) to fire now."""
+        return self.store.requeue_dead(names)
 
-    def claim_due(self) -> tuple[float, int, list[Firing]]:
-        """Claim due timers and timers whose lease ran out: (Redis now in ms with its
-        fraction, next due ms or -1, firings)."""
-        k = self.keys
-        raw = self.scripts.claim_due(
-            keys=[k.heads, k.inflight, k.inflight_due],
-            args=[self.settings.batch_size, self.lease_ms, k.shard_prefix],
-        )
-        firings = _firings(raw[3:], reclaimed=int(raw[2]))
-        if firings:
+    def claim_due(self) -> Claim:
+        """Claim due firings and firings whose lease ran out."""
+        claim = self.store.claim_due(self.settings.batch_size, self.lease_ms)
+        if claim.firings:
             self.metrics.last_event = time.monotonic()
-            self.claimed_here.add(f.key for f in firings)
-        return int(raw[0]) / 1000, int(raw[1]), firings
+            self.claimed_here.add(f.key for f in claim.firings)
+        return claim
 
     # -- subscriber ----------------------------------------------------------------------
 
@@ -260,11 +270,12 @@ class Listener:
         while not self.stopping.is_set():
             pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
             try:
-                self._subscribe(pubsub)
+                early = self._subscribe(pubsub)
                 self.redis_outage.ok()
                 backoff.reset()
                 self.wake.set()  # events may have been missed: look at the index now
-                self._pump(pubsub)
+                self.sweep_requested = time.monotonic()  # and for legacy timers set meanwhile
+                self._pump(pubsub, early)
             except redis.RedisError as exc:
                 self.subscribed.clear()
                 self.redis_outage.failed(exc)
@@ -273,17 +284,25 @@ class Listener:
                 self.subscribed.clear()
                 pubsub.close()
 
-    def _subscribe(self, pubsub: redis.client.PubSub) -> None:
-        pubsub.psubscribe(self.keys.expired_channel)
-        pubsub.subscribe(self.keys.wake_channel)
+    def _subscribe(self, pubsub: redis.client.PubSub) -> list[dict[str, Any]]:
+        """Subscribe; returns the events that arrived before every confirmation did."""
+        k = self.keys
+        channels = (k.expired_channel, k.expire_channel, k.del_channel)
+        pubsub.psubscribe(*channels)
+        pubsub.subscribe(k.wake_channel)
+        early: list[dict[str, Any]] = []
         confirmed = 0
         deadline = time.monotonic() + 10
-        while confirmed < 2:
+        while confirmed < len(channels) + 1:
             if time.monotonic() > deadline:
                 raise redis.TimeoutError("no subscription confirmation within 10 s")
             msg = pubsub.get_message(timeout=1.0)
-            if msg and msg["type"] in ("subscribe", "psubscribe"):
+            if msg is None:
+                continue
+            if msg["type"] in ("subscribe", "psubscribe"):
                 confirmed += 1
+            else:
+                early.append(msg)
         self.subscribed.set()
         if not self.ready.is_set():
             status = (
@@ -295,34 +314,104 @@ class Listener:
             self.notifier.ready(status)
         else:
             log.info("subscribed again to %s", self.keys.expired_channel)
+        return early
 
-    def _pump(self, pubsub: redis.client.PubSub) -> None:
+    def _pump(self, pubsub: redis.client.PubSub, early: list[dict[str, Any]]) -> None:
+        k = self.keys
         while not self.stopping.is_set():
-            msg = pubsub.get_message(timeout=0.2)
-            expired: list[str] = []
-            while msg is not None and len(expired) < EVENT_BATCH:
+            batch = early or self._read_events(pubsub)
+            early = []
+            events: dict[str, list[str]] = {
+                k.expired_channel: [],
+                k.expire_channel: [],
+                k.del_channel: [],
+            }
+            for msg in batch:
                 if msg["type"] == "pmessage":
-                    expired.append(msg["data"])
-                    self.metrics.last_event = time.monotonic()
+                    key = msg["data"]
+                    if not k.is_own(key):
+                        events[msg["channel"]].append(key)
                 elif msg["type"] == "message":
                     self.wake.set()
-                msg = pubsub.get_message(timeout=0)
-            # Our own claims' keys expire as they are claimed: no need to ask Redis.
-            expired = [key for key in expired if key not in self.claimed_here]
+            if any(events.values()):
+                self.metrics.last_event = time.monotonic()
+            if events[k.expire_channel]:
+                self._each_allowed(self.store.adopt, events[k.expire_channel])
+            # Our own claims' keys expire or are deleted as they are claimed: no need to
+            # ask Redis about those.
+            deleted = [key for key in events[k.del_channel] if key not in self.claimed_here]
+            if deleted:
+                self._each_allowed(self.store.forget, deleted)
+            expired = [key for key in events[k.expired_channel] if key not in self.claimed_here]
             if expired:
                 self.claim_expired(expired)
 
+    @staticmethod
+    def _read_events(pubsub: redis.client.PubSub) -> list[dict[str, Any]]:
+        """Up to EVENT_BATCH messages: waits briefly for the first, takes what else is there."""
+        batch: list[dict[str, Any]] = []
+        msg = pubsub.get_message(timeout=0.2)
+        while msg is not None:
+            batch.append(msg)
+            if len(batch) >= EVENT_BATCH:
+                break
+            msg = pubsub.get_message(timeout=0)
+        return batch
+
     def claim_expired(self, expired_keys: Sequence[str]) -> None:
-        """Claim the timers named by keyspace events that nobody is firing yet."""
-        k = self.keys
-        args: list[str | int] = [self.lease_ms, k.shard_prefix]
-        for key in expired_keys:
-            args += [key, shard_of(key)]
-        raw = self.scripts.claim_expired(
-            keys=[k.heads, k.inflight, k.inflight_due, k.recent], args=args
-        )
-        for firing in _firings(raw):
+        """Claim the timers named by 'expired' events that nobody is firing yet."""
+        for firing in self.store.claim_expired(expired_keys, self.lease_ms):
             self.queue.put(firing)
+
+    def _each_allowed(self, call: Callable[[Sequence[str]], int], keys: Sequence[str]) -> int:
+        """`call(keys)`; if the Redis user may not touch one of the keys (an ACL that
+        lists the actions it may touch, and a key of another action), call it key by key
+        and skip, with one warning each, the keys refused."""
+        try:
+            return call(keys)
+        except redis.exceptions.NoPermissionError:
+            pass
+        done = 0
+        for key in keys:
+            try:
+                done += call([key])
+            except redis.exceptions.NoPermissionError as exc:
+                if key not in self.refused_keys:
+                    self.refused_keys.add(key)
+                    log.warning(
+                        "Redis refused access to timer key %s (%s): add its action to the "
+                        "listener's ACL key patterns (deploy/redis/users.acl)",
+                        key,
+                        _one_line(exc),
+                    )
+        return done
+
+    # -- sweeper -------------------------------------------------------------------------
+
+    def _sweep_loop(self) -> None:
+        """SCAN the timer DB for ever, adopting TTL keys whose `expire` event nobody heard
+        (set while no listener ran, or during a disconnect): a full pass at start-up, then
+        again and again at DELAYQ_SWEEP_KEYS_PER_S, so its cost to Redis stays bounded."""
+        cursor, adopted = 0, 0
+        step_s = SWEEP_COUNT / self.settings.sweep_keys_per_s
+        pass_started, covered_until = time.monotonic(), float("-inf")
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                cursor, n = self.store.sweep(cursor, SWEEP_COUNT, adopt=self._each_allowed)
+            except redis.RedisError:
+                # The claimer reports the outage; start the pass again once Redis is back.
+                cursor, pass_started = 0, time.monotonic()
+                self.stopping.wait(1.0)
+                continue
+            adopted += n
+            if cursor == 0:
+                if adopted:
+                    log.info("sweep adopted %d timers set by other producers", adopted)
+                adopted = 0
+                covered_until, pass_started = pass_started, time.monotonic()
+            if self.sweep_requested <= covered_until:
+                self.stopping.wait(max(0.0, step_s - (time.monotonic() - started)))
 
     # -- applier -------------------------------------------------------------------------
 
@@ -349,14 +438,17 @@ class Listener:
         """Apply one micro-batch and acknowledge it, or send it back for a retry."""
         started = time.monotonic()
         try:
-            try:
-                outcomes = self.applier.apply(batch)
-            except sa.exc.DBAPIError as exc:
-                if not exc.connection_invalidated:
-                    raise
-                # A pooled connection the server had dropped (restart, idle timeout):
-                # the pool has discarded it, so one more try gets a fresh one.
-                outcomes = self.applier.apply(batch)
+            # A batch whose connection stops answering has it broken by the watch.
+            with self.liveness.batch(len(batch)):
+                try:
+                    outcomes = self.applier.apply(batch)
+                except sa.exc.DBAPIError as exc:
+                    if not exc.connection_invalidated:
+                        raise
+                    # A pooled connection the server had dropped (restart, idle timeout,
+                    # broken by the watch): the pool has discarded it, so one more try
+                    # gets a fresh one.
+                    outcomes = self.applier.apply(batch)
         except sa.exc.SQLAlchemyError as exc:
             if len(batch) > 1 and not _is_transient(exc):
                 # One bad firing must not hold back the rest: isolate it.
@@ -375,15 +467,7 @@ class Listener:
 
     def _ack(self, outcomes: Sequence[Outcome]) -> None:
         try:
-            self.scripts.ack(
-                keys=[
-                    self.keys.inflight,
-                    self.keys.inflight_due,
-                    self.keys.attempts,
-                    self.keys.recent,
-                ],
-                args=[RECENT_WINDOW_MS, *(o.firing.key for o in outcomes)],
-            )
+            self.store.ack([o.firing.id for o in outcomes], RECENT_WINDOW_MS)
         except redis.RedisError as exc:
             # The outcomes are committed; when the leases run out the firings come round
             # again and are recognised as already recorded.
@@ -392,20 +476,12 @@ class Listener:
     def _retry_later(self, batch: Sequence[Firing], exc: BaseException) -> None:
         s = self.settings
         try:
-            dead = self.scripts.retry_later(
-                keys=[
-                    self.keys.inflight,
-                    self.keys.inflight_due,
-                    self.keys.attempts,
-                    self.keys.dead,
-                ],
-                args=[
-                    s.max_attempts,
-                    int(s.retry_backoff_s * 1000),
-                    int(s.retry_backoff_max_s * 1000),
-                    _one_line(exc)[:300],
-                    *(f.key for f in batch),
-                ],
+            dead = self.store.retry_later(
+                [f.id for f in batch],
+                max_attempts=s.max_attempts,
+                backoff_ms=int(s.retry_backoff_s * 1000),
+                backoff_max_ms=int(s.retry_backoff_max_s * 1000),
+                error=_one_line(exc)[:300],
             )
         except redis.RedisError as redis_exc:
             # Leases will run out and the firings be claimed again: nothing is lost.
@@ -424,12 +500,12 @@ class Listener:
         keys: list[str] = []
         while True:
             try:
-                keys.append(self.queue.get_nowait().key)
+                keys.append(self.queue.get_nowait().id)
             except queue.Empty:
                 break
         if keys:
             try:
-                self.scripts.release(keys=[self.keys.inflight], args=keys)
+                self.store.release(keys)
                 log.info("gave back %d claimed timers", len(keys))
             except redis.RedisError as exc:
                 log.warning(
@@ -450,16 +526,14 @@ class Listener:
         level = logging.INFO
         if any(o.outcome in ("unknown_action", "malformed_key") for o in outcomes):
             level = logging.WARNING
+        unmapped = sorted({o.action for o in outcomes if o.outcome == UNMAPPED_FLAG})
+        if unmapped:
+            log.warning(
+                "timer keys end in flags %s, which name no action: map them with "
+                "DELAYQ_FLAG_ACTIONS (e.g. DELAYQ_FLAG_ACTIONS=1=cancel)",
+                ", ".join(unmapped),
+            )
         log.log(level, "fired %d in %.1f ms: %s%s", len(outcomes), took_s * 1000, summary, lateness)
-
-
-def _firings(flat: Sequence[object], reclaimed: int = 0) -> list[Firing]:
-    """Firings from a script's flat [key, due, ...] reply; the first `reclaimed` were
-    claimed before."""
-    return [
-        Firing(str(flat[i]), int(float(str(flat[i + 1]))), i < 2 * reclaimed)
-        for i in range(0, len(flat), 2)
-    ]
 
 
 class RecentKeys:

@@ -36,9 +36,10 @@ from sqlalchemy.engine import Engine
 from delayq import db
 from delayq.actions import Applier, utcnow
 from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
-from delayq.keys import Keys, shard_of
+from delayq.keys import Keys
 from delayq.redis_conn import Scripts, client_url, unreachable
 from delayq.settings import Settings, mask_url
+from delayq.store import TimerStore
 
 #: An order id no shop uses: the probe's timer key. Never scheduled, so it never fires.
 PROBE_ORDER_SN = "delayq-permission-probe"
@@ -101,7 +102,9 @@ def _producer_commands(k: Keys) -> list[_Command]:
         *_no_op_zset("ZSCORE", "ZRANGE", "ZREM", "ZADD", key=k.shard(PROBE_KEY)),
         *_no_op_zset("ZRANGE", "ZREM", "ZADD", key=k.heads),
         *_no_op_zset("ZADD", key=k.recent),
+        _cmd("HEXISTS", k.claims_per_key, PROBE_KEY, key=k.claims_per_key),
         _cmd("SET", PROBE_KEY, "1", "XX", "KEEPTTL", key=PROBE_KEY),
+        _cmd("PEXPIRETIME", PROBE_KEY, key=PROBE_KEY),
         _cmd("DEL", PROBE_KEY, key=PROBE_KEY),
         _cmd("PUBLISH", k.wake_channel, 0, channel=k.wake_channel),
     ]
@@ -116,62 +119,56 @@ def _listener_commands(k: Keys) -> list[_Command]:
         ),
         *_no_op_zset("ZRANGE", "ZRANGEBYSCORE", "ZADD", "ZREM", key=k.heads),
         _cmd("ZCARD", k.shard(PROBE_KEY), key=k.shard(PROBE_KEY)),
-        *_no_op_zset("ZSCORE", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", key=k.inflight),
+        *_no_op_zset("ZSCORE", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", key=k.claims),
+        _cmd("ZSCAN", k.claims, 0, "MATCH", f"{PROBE_KEY}@*", key=k.claims),
+        *_no_op_zset("ZRANGEBYSCORE", "ZREM", key=k.inflight),
         *_no_op_zset("ZSCORE", "ZADD", "ZREMRANGEBYSCORE", key=k.recent),
         *_no_op_zset("ZADD", "ZREMRANGEBYSCORE", "ZRANGEBYSCORE", "ZREM", key=k.listeners),
         _cmd("HGET", k.inflight_due, PROBE_KEY, key=k.inflight_due),
         _cmd("HDEL", k.inflight_due, PROBE_KEY, key=k.inflight_due),
+        _cmd("HEXISTS", k.claims_per_key, PROBE_KEY, key=k.claims_per_key),
+        _cmd("HDEL", k.claims_per_key, PROBE_KEY, key=k.claims_per_key),
         _cmd("HGET", k.attempts, PROBE_KEY, key=k.attempts),
         _cmd("HDEL", k.attempts, PROBE_KEY, key=k.attempts),
         _cmd("HGET", k.dead, PROBE_KEY, key=k.dead),
         _cmd("HDEL", k.dead, PROBE_KEY, key=k.dead),
         _cmd("HLEN", k.dead, key=k.dead),
-        _cmd("HSCAN", k.dead, 0, "COUNT", 1, key=k.dead),
-        # retry-dead lists the dead letters' fields: asked of the (absent) probe key, as
-        # there may be many dead letters.
-        _cmd("HKEYS", PROBE_KEY, key=PROBE_KEY),
+        _cmd("HSCAN", k.dead, 0, "MATCH", f"{PROBE_KEY}@*", "COUNT", 1, key=k.dead),
         _cmd("DEL", PROBE_KEY, key=PROBE_KEY),
         _cmd("PTTL", PROBE_KEY, key=PROBE_KEY),
+        _cmd("PEXPIRETIME", PROBE_KEY, key=PROBE_KEY),
+        _cmd("EXISTS", PROBE_KEY, key=PROBE_KEY),
+        # The sweeper: SCAN is keyless (the ACL allows it or not).
+        _cmd("SCAN", 0, "MATCH", PROBE_KEY, "COUNT", 1, "TYPE", "string"),
         _cmd("PUBLISH", k.wake_channel, 0, channel=k.wake_channel),
-        # Last: the only two that write (a field of the probe key), undone by HDEL.
-        _write_then_undo("HSET", k.inflight_due, PROBE_KEY, 0, key=k.inflight_due),
+        # Last: the only ones that write (a field of the probe key), undone by HDEL.
+        _write_then_undo("HSET", k.dead, PROBE_KEY, 0, key=k.dead),
         _write_then_undo("HINCRBY", k.attempts, PROBE_KEY, 0, key=k.attempts),
+        _write_then_undo("HINCRBY", k.claims_per_key, PROBE_KEY, 0, key=k.claims_per_key),
     ]
 
 
-def _script_calls(k: Keys) -> dict[str, dict[str, tuple[list[str], list[str | int]]]]:
-    """Per role, each script's (keys, args) for a call that finds nothing to do."""
-    return {
-        "producer": {
-            "schedule": ([k.heads], [k.wake_channel]),  # no timers
-            # a timer that does not exist
-            "cancel": (
-                [k.heads, k.recent, PROBE_KEY, k.shard(PROBE_KEY)],
-                [shard_of(PROBE_KEY)],
-            ),
-        },
-        "listener": {
-            # claims at most 0
-            "claim_due": (
-                [k.heads, k.inflight, k.inflight_due],
-                [0, 1, k.shard_prefix],
-            ),
-            # no events
-            "claim_expired": (
-                [k.heads, k.inflight, k.inflight_due, k.recent],
-                [1, k.shard_prefix],
-            ),
-            # A window longer than the epoch: trims no tombstone.
-            "ack": ([k.inflight, k.inflight_due, k.attempts, k.recent], [10**15]),
-            "retry_later": ([k.inflight, k.inflight_due, k.attempts, k.dead], [1, 1, 1, "-"]),
-            "release": ([k.inflight], []),
-            # not dead-lettered
-            "retry_dead": (
-                [k.heads, k.dead],
-                [k.wake_channel, k.shard_prefix, PROBE_KEY, shard_of(PROBE_KEY)],
-            ),
-        },
-    }
+#: The scripts each role runs.
+_ROLE_SCRIPTS = {
+    "producer": ("schedule", "cancel"),
+    "listener": (
+        "claim_due",
+        "claim_expired",
+        "adopt",
+        "forget",
+        "ack",
+        "retry_later",
+        "release",
+        "retry_dead",
+    ),
+}
+
+
+def _script_calls(keys: Keys, role: str) -> dict[str, tuple[list[str], list[Any]]]:
+    """Each of the role's scripts with (keys, args) that find nothing to do, built by the
+    store exactly as the real calls are."""
+    calls = TimerStore.noop_calls_for(keys, PROBE_KEY)
+    return {name: calls[name] for name in _ROLE_SCRIPTS[role]}
 
 
 def check_redis(client: redis.Redis, keys: Keys, scripts: Scripts, *, role: str) -> list[str]:
@@ -182,7 +179,7 @@ def check_redis(client: redis.Redis, keys: Keys, scripts: Scripts, *, role: str)
         raise InvalidInput(f"unknown role {role!r}: use 'producer' or 'listener'")
     user = str(client.connection_pool.connection_kwargs.get("username") or "default")
     commands = _producer_commands(keys) if role == "producer" else _listener_commands(keys)
-    calls = _script_calls(keys)[role]
+    calls = _script_calls(keys, role)
     if role == "producer":
         # schedule_many pipelines its calls, and a pipeline first asks which scripts exist.
         shas = [cast(Script, getattr(scripts, name)).sha for name in calls]
@@ -248,6 +245,8 @@ def _subscribe(client: redis.Redis, user: str, keys: Keys) -> int:
     wanted: list[tuple[str, str, Callable[..., Any]]] = [
         ("subscribe", keys.wake_channel, pubsub.subscribe),
         ("psubscribe", keys.expired_channel, pubsub.psubscribe),
+        ("psubscribe", keys.expire_channel, pubsub.psubscribe),
+        ("psubscribe", keys.del_channel, pubsub.psubscribe),
     ]
     try:
         for kind, channel, subscribe in wanted:

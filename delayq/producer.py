@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from itertools import islice
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import redis
 
-from delayq.errors import InvalidInput
-from delayq.keys import Keys, shard_of, timer_key
-from delayq.redis_conn import Scripts, client_url, connect, keys_for, unreachable
+from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
+from delayq.keys import Keys, timer_key
+from delayq.redis_conn import client_url, connect, keys_for, unreachable
 from delayq.settings import Settings
+from delayq.store import CANCELLED, TimerStore
 from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
 
 DEFAULT_ACTION = "cancel"
@@ -32,7 +33,7 @@ class Producer:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
-        self.scripts = Scripts.register(client)
+        self.store = TimerStore(client, keys)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Producer:
@@ -58,7 +59,8 @@ class Producer:
         else:
             raise InvalidInput("give either a delay or an absolute time (at=), not both")
         spec = _spec(when)
-        return from_ms(self._schedule_chunk([(timer_key(order_sn, action), *spec)])[0])
+        key = timer_key(order_sn, action)
+        return from_ms(self._run(lambda: self.store.schedule([(key, *spec)]))[0])
 
     def schedule_many(self, items: Iterable[Item]) -> int:
         """Schedule many timers in pipelined round trips. Items are (order_sn, delay) or
@@ -71,42 +73,47 @@ class Producer:
         ]:
             pipe = self.client.pipeline(transaction=False)
             for chunk in chunks:
-                self._schedule_chunk(chunk, pipe)
+                self.store.schedule(chunk, pipe)
             self._run(pipe.execute)
         return len(prepared)
 
     def cancel(self, order_sn: str, *, action: str = DEFAULT_ACTION) -> bool:
-        """Disarm the timer (the order was paid). True if it was still pending; False if
-        there was none, or it is already firing (a paid order is never cancelled: the
-        listener re-checks the order's status in the same transaction)."""
+        """Disarm the timer (the order was paid). True only if no firing of the timer will
+        apply after this returns: it was pending and is gone. False if nothing was pending,
+        or a firing of it is being applied right now (a paid order is still never
+        cancelled: the listener re-checks the order's status in the same transaction)."""
         key = timer_key(order_sn, action)
-        k = self.keys
-        result: list[int] = self._run(
-            lambda: self.scripts.cancel(
-                keys=[k.heads, k.recent, key, k.shard(key)], args=[shard_of(key)]
-            )
-        )
-        return bool(result[0])
-
-    def _schedule_chunk(
-        self, chunk: Sequence[tuple[str, str, int]], pipe: redis.client.Pipeline | None = None
-    ) -> list[int]:
-        args: list[str | int] = [self.keys.wake_channel]
-        keys = [self.keys.heads]
-        for key, mode, value in chunk:
-            args += [mode, value, shard_of(key)]
-            keys += [key, self.keys.shard(key)]
-        if pipe is not None:
-            self.scripts.schedule(keys=keys, args=args, client=pipe)
-            return []
-        due: list[Any] = self._run(lambda: self.scripts.schedule(keys=keys, args=args))
-        return [int(d) for d in due]
+        return self._run(lambda: self.store.cancel(key)) == CANCELLED
 
     def _run(self, call: Callable[[], T]) -> T:
+        """Every Redis failure becomes one line naming the server (password masked)."""
+        url = client_url(self.client)
         try:
             return call()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise unreachable(client_url(self.client), exc) from None
+            raise unreachable(url, exc) from exc
+        except redis.exceptions.NoPermissionError as exc:
+            raise NotReady(
+                f"Redis at {url} refused the producer: {_first_line(exc)} "
+                "(the producer's ACL user needs the rules in deploy/redis/users.acl)"
+            ) from exc
+        except redis.exceptions.ReadOnlyError as exc:
+            raise ServiceUnavailable(
+                f"Redis at {url} is a read-only replica: point DELAYQ_REDIS_URL at the "
+                f"primary ({_first_line(exc)})"
+            ) from exc
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise ServiceUnavailable(
+                f"Redis at {url} is out of memory and refused the timer: {_first_line(exc)}"
+            ) from exc
+        except redis.ResponseError as exc:
+            raise ServiceUnavailable(
+                f"Redis at {url} refused the call: {_first_line(exc)}"
+            ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).splitlines()[0]
 
 
 def _spec(delay: Delay | datetime) -> tuple[str, int]:

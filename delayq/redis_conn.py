@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -11,7 +10,7 @@ import redis
 from redis.commands.core import Script
 
 from delayq.errors import NotReady, ServiceUnavailable
-from delayq.keys import Keys, checked_db, shard_of
+from delayq.keys import Keys, checked_db
 from delayq.settings import Settings, mask_url
 
 SCRIPT_NAMES = (
@@ -19,6 +18,8 @@ SCRIPT_NAMES = (
     "cancel",
     "claim_due",
     "claim_expired",
+    "adopt",
+    "forget",
     "ack",
     "retry_later",
     "retry_dead",
@@ -100,24 +101,20 @@ class Scripts:
     cancel: Script
     claim_due: Script
     claim_expired: Script
+    adopt: Script
+    forget: Script
     ack: Script
     retry_later: Script
     retry_dead: Script
     release: Script
     heartbeat: Script
 
-    def requeue_dead(self, client: redis.Redis, keys: Keys, timer_keys: Sequence[str]) -> int:
-        """Put dead-lettered timers (all of them when none are named) back to fire now."""
-        names = list(timer_keys) or [str(key) for key in client.hkeys(keys.dead)]
-        args: list[str | int] = [keys.wake_channel, keys.shard_prefix]
-        for key in names:
-            args += [key, shard_of(key)]
-        return int(self.retry_dead(keys=[keys.heads, keys.dead], args=args, client=client))
-
     @classmethod
-    def register(cls, client: redis.Redis) -> Scripts:
+    def register(cls, client: redis.Redis, *, clock: str | None = None) -> Scripts:
+        """Load the scripts for `client`. `clock` replaces `lua/_clock.lua` (tests move
+        time by hand with it); every script reads the time through it."""
         lua = files("delayq") / "lua"
-        prelude = (lua / "_prelude.lua").read_text()
+        prelude = (clock or (lua / "_clock.lua").read_text()) + (lua / "_prelude.lua").read_text()
         return cls(
             **{
                 name: client.register_script(prelude + (lua / f"{name}.lua").read_text())
@@ -137,6 +134,16 @@ def notify_flags(client: redis.Redis) -> str | None:
 
 def has_expired_events(flags: str) -> bool:
     return "E" in flags and ("x" in flags or "A" in flags)
+
+
+def has_generic_events(flags: str) -> bool:
+    """`expire` and `del` keyevents: how timers of producers outside delayq are adopted."""
+    return "E" in flags and ("g" in flags or "A" in flags)
+
+
+#: What delayq wants: `expired` events (x) to hear legacy timers expire, and `expire`/`del`
+#: events (g) to adopt them the moment they are set and drop them when they are deleted.
+WANTED_FLAGS = "Egx"
 
 
 def check_persistence(client: redis.Redis) -> str:
@@ -161,27 +168,44 @@ def check_persistence(client: redis.Redis) -> str:
 
 
 def check_notifications(client: redis.Redis, url: str, *, configure: bool = False) -> str:
-    """Make sure Redis publishes 'expired' keyevents; returns a one-line status.
+    """Make sure Redis publishes the keyevents delayq listens to; returns a one-line status
+    (starting 'warning: ' when legacy timers are not adopted the moment they are set).
 
-    Raises NotReady with what to set when it does not. With `configure`, tries CONFIG SET
-    first; a refused CONFIG SET is not fatal when the setting is already right."""
+    Raises NotReady with what to set when `expired` events are off. With `configure`,
+    tries CONFIG SET first; a refused CONFIG SET is not fatal when the setting is already
+    right."""
     flags = notify_flags(client)
     if flags is None:
-        return "notify-keyspace-events could not be read (CONFIG not allowed); assuming Ex"
-    if has_expired_events(flags):
+        return (
+            "notify-keyspace-events could not be read (CONFIG not allowed); assuming "
+            f"{WANTED_FLAGS}"
+        )
+    if has_expired_events(flags) and has_generic_events(flags):
         return f"notify-keyspace-events is {flags!r}"
     if configure:
-        wanted = "".join(sorted(set(flags + "Ex"), key=(flags + "Ex").index))
+        wanted = "".join(dict.fromkeys(flags + WANTED_FLAGS))
         try:
             client.config_set("notify-keyspace-events", wanted)
         except redis.ResponseError as exc:
+            if has_expired_events(flags):
+                return _without_generic(flags, f"CONFIG SET refused: {exc}")
             raise NotReady(
                 f"Redis at {mask_url(url)} refused CONFIG SET notify-keyspace-events {wanted} "
                 f"({exc}); set it in redis.conf or the parameter group"
             ) from None
         return f"notify-keyspace-events set to {wanted!r}"
+    if has_expired_events(flags):
+        return _without_generic(flags, "run 'delayq listen --configure-redis' or set it")
     raise NotReady(
         f"Redis at {mask_url(url)} has notify-keyspace-events {flags!r}, without expired "
-        "events: set 'notify-keyspace-events Ex' in redis.conf (or the parameter group on "
-        "managed Redis), or run 'delayq listen --configure-redis'"
+        f"events: set 'notify-keyspace-events {WANTED_FLAGS}' in redis.conf (or the parameter "
+        "group on managed Redis), or run 'delayq listen --configure-redis'"
+    )
+
+
+def _without_generic(flags: str, how: str) -> str:
+    return (
+        f"warning: notify-keyspace-events is {flags!r}, without 'g': timers set by producers "
+        "that do not use delayq (plain SETEX) are adopted only by the sweep, up to a pass "
+        f"late, instead of the moment they are set; want {WANTED_FLAGS!r} ({how})"
     )

@@ -9,19 +9,23 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import redis.connection
 from dotenv import dotenv_values
 from sqlalchemy.engine import make_url as sa_make_url
 
 from delayq.errors import InvalidInput
+from delayq.timing import ACTION_RE
 
 ENV_PREFIX = "DELAYQ_"
 _IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _QUALIFIED_RE = re.compile(rf"(?:{_IDENTIFIER_RE.pattern}\.)?{_IDENTIFIER_RE.pattern}")
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-_SECRET_PARAMS = {"password", "passwd", "pwd", "secret", "token"}
+_FLAG_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+#: A query parameter whose name contains one of these is masked (ssl_key_password, ...).
+_SECRET_WORDS = ("pass", "pwd", "secret", "token", "credential", "apikey", "api_key")
+_PLAIN_USER_RE = re.compile(r"[A-Za-z0-9._~+-]*")
 
 
 def _default_home() -> Path:
@@ -31,25 +35,41 @@ def _default_home() -> Path:
 
 def mask_url(url: str | None) -> str:
     """The URL with any password (in the user part or the query) replaced by ***, safe
-    for logs and error messages. Works on malformed URLs too: it never raises."""
+    for logs and error messages. Never raises: it is used while reporting malformed URLs.
+
+    Parsers disagree on where a password ends (SQLAlchemy takes `#`, `/` and `?` in it
+    unencoded; urllib ends the host part there), so everything between the first `:` of
+    the user part and the last `@` is hidden: a URL may be over-masked, never leak."""
     if not url:
         return "(embedded)"
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*/:"
-        )
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # urlunsplit would turn sqlite:////abs/path into sqlite://abs/path
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    try:
+        return _mask_url(url)
+    except Exception:  # a masking bug must not turn into a leak or a traceback
+        return "***"
+
+
+def _mask_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if colon or any(c in user for c in "/?#;&="):
+            userinfo = user + ":***" if _PLAIN_USER_RE.fullmatch(user) else "***"
+        rest = f"{userinfo}@{rest}"
+    path, qmark, query = rest.partition("?")
+    if qmark:
+        masked: list[str] = []
+        hiding = False
+        for param in query.split("&"):
+            name, eq, _ = param.partition("=")
+            if eq:
+                hiding = any(word in unquote_plus(name).lower() for word in _SECRET_WORDS)
+            # A piece without '=' after a secret may be the rest of a value holding '&'.
+            masked.append(f"{name}=***" if hiding and eq else "***" if hiding else param)
+        query = "&".join(masked)
+    return f"{scheme}{sep}{path}{qmark}{query}"
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,12 @@ class Settings:
     #: Set to an empty string if your table has no such column.
     cancelled_at_column: str = "cancelled_at"
     updated_at_column: str = "updated_at"
+    #: Actions of keys whose last part is a flag rather than an action name, as older
+    #: producers write them (`SN1:1`): `1=cancel,2=complete`.
+    flag_actions: str = ""
+    #: Keys a second the sweeper SCANs for timers set while no listener heard their
+    #: `expire` event (at full speed until a pass after start-up or a reconnect is done).
+    sweep_keys_per_s: int = 10_000
     #: Most timers applied in one database transaction.
     batch_size: int = 1000
     #: Threads applying batches: while one waits for its commit, the next batch is built.
@@ -107,6 +133,12 @@ class Settings:
         shown["database_url"] = mask_url(self.database_url)
         shown["dashboard_token"] = "***" if self.dashboard_token else None
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @property
+    def flag_action_map(self) -> dict[str, str]:
+        """DELAYQ_FLAG_ACTIONS as {flag: action} (validated by `validate`)."""
+        pairs = (item.partition("=") for item in self.flag_actions.split(",") if item.strip())
+        return {flag.strip(): action.strip() for flag, _, action in pairs}
 
     @property
     def embedded_redis(self) -> bool:
@@ -151,6 +183,13 @@ class Settings:
             if not 0 < len(getattr(self, name)) <= 32:
                 raise InvalidInput(f"DELAYQ_{name.upper()}: must be 1-32 characters")
         self._validate_urls()
+        for item in filter(str.strip, self.flag_actions.split(",")):
+            flag, sep, action = (part.strip() for part in item.partition("="))
+            if not sep or not _FLAG_RE.fullmatch(flag) or not ACTION_RE.fullmatch(action):
+                raise InvalidInput(
+                    f"DELAYQ_FLAG_ACTIONS: {item.strip()!r} is not FLAG=action "
+                    "(e.g. 1=cancel,2=complete; flags are 1-32 of A-Z a-z 0-9 _ . -)"
+                )
         if not 1 <= self.batch_size <= 10_000:
             raise InvalidInput("DELAYQ_BATCH_SIZE: must be between 1 and 10000")
         for name in (
@@ -163,6 +202,8 @@ class Settings:
         ):
             if not math.isfinite(getattr(self, name)):
                 raise InvalidInput(f"DELAYQ_{name.upper()}: must be a finite number of seconds")
+        if not 100 <= self.sweep_keys_per_s <= 10_000_000:
+            raise InvalidInput("DELAYQ_SWEEP_KEYS_PER_S: must be between 100 and 10000000")
         if not 1 <= self.appliers <= 16:
             raise InvalidInput("DELAYQ_APPLIERS: must be between 1 and 16")
         if self.lease_s < 1:

@@ -67,7 +67,7 @@ def redis_factory(tmp_path: Path, server_kind: ServerKind, in_ci: bool) -> Itera
     def make(
         *,
         appendonly: bool = False,
-        notify: str = "Ex",
+        notify: str = "Egx",
         extra: dict[str, str] | None = None,
         kind: ServerKind | None = None,
     ) -> RedisServer:
@@ -98,7 +98,7 @@ def redis_factory(tmp_path: Path, server_kind: ServerKind, in_ci: bool) -> Itera
 @pytest.fixture
 def redis_server(redis_factory: RedisFactory) -> RedisServer:
     """A started server of the test's `server_kind` (Redis by default), notify Ex."""
-    return redis_factory(notify="Ex")
+    return redis_factory(notify="Egx")
 
 
 @pytest.fixture(params=SERVER_KINDS, ids=SERVER_KINDS)
@@ -115,7 +115,7 @@ def any_redis_factory(redis_factory: RedisFactory, any_server_kind: ServerKind) 
     def make(
         *,
         appendonly: bool = False,
-        notify: str = "Ex",
+        notify: str = "Egx",
         extra: dict[str, str] | None = None,
         kind: ServerKind | None = None,
     ) -> RedisServer:
@@ -129,7 +129,7 @@ def any_redis_factory(redis_factory: RedisFactory, any_server_kind: ServerKind) 
 @pytest.fixture
 def any_redis(any_redis_factory: RedisFactory) -> RedisServer:
     """A started server, notify Ex, once as Redis and once as Valkey (`.kind` says which)."""
-    return any_redis_factory(notify="Ex")
+    return any_redis_factory(notify="Egx")
 
 
 @pytest.fixture

@@ -160,7 +160,7 @@ class RedisServer:
         dir: Path,
         *,
         appendonly: bool = False,
-        notify: str = "Ex",
+        notify: str = "Egx",
         extra: dict[str, str] | None = None,
         port: int | None = None,
         tls: TlsFiles | None = None,
@@ -412,7 +412,7 @@ class RedisFactory(Protocol):
         self,
         *,
         appendonly: bool = False,
-        notify: str = "Ex",
+        notify: str = "Egx",
         extra: dict[str, str] | None = None,
         kind: ServerKind | None = None,
     ) -> RedisServer: ...

@@ -269,7 +269,7 @@ def test_a_redis_without_keyspace_notifications_is_refused_until_configure_redis
 
     for command in ("listen", "check"):
         line = one_error_line(delayq(command, env=env, cwd=workdir), NOT_READY)
-        assert "notify-keyspace-events Ex" in line
+        assert "notify-keyspace-events Egx" in line
         assert "--configure-redis" in line
     # Refusing changed nothing on the server.
     assert client.config_get("notify-keyspace-events")["notify-keyspace-events"] == ""

@@ -147,7 +147,7 @@ def test_listener_refuses_a_redis_without_keyspace_notifications(
     done = run_cli("listen", env=env, timeout_s=30)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "notify-keyspace-events Ex" in lines[0], done.stderr
+    assert len(lines) == 1 and "notify-keyspace-events Egx" in lines[0], done.stderr
 
 
 def test_sigterm_stops_the_listener_cleanly(env: dict[str, str], listener: ListenerProcess) -> None:

@@ -30,6 +30,7 @@ from delayq.permissions import PROBE_KEY, check_database, check_redis
 from delayq.producer import Producer
 from delayq.redis_conn import Scripts
 from delayq.settings import Settings
+from delayq.store import TimerStore
 from tests.harness import (
     ListenerProcess,
     clean_env,
@@ -50,7 +51,7 @@ PASSWORDS = {"delayq-producer": "producer-pw", "delayq-listener": "listener-pw"}
 FAST = {"LEASE_S": "2", "RETRY_BACKOFF_S": "0.1", "RETRY_BACKOFF_MAX_S": "0.5"}
 #: What the least-privileged listener may be refused without harm (and is, on Redis 7):
 #: CONFIG GET of notify-keyspace-events, and redis-py's CLIENT SETINFO on Redis >= 7.2.
-TOLERATED_REFUSALS = {"config|get", "client|setinfo"}
+TOLERATED_REFUSALS = {"config|get", "client|setinfo", "info"}
 NOT_READY = 4
 UNAVAILABLE = 3
 
@@ -134,10 +135,14 @@ def seed_timers(admin: redis.Redis) -> None:
     keys = Keys()
     Producer(admin, keys).schedule("PENDING1", 3600)
     admin.set("LEGACY1:cancel", 1, ex=3600)
-    admin.zadd(keys.inflight, {"CLAIMED1:cancel": 9_999_999_999_999})
-    admin.hset(keys.inflight_due, "CLAIMED1:cancel", 1)
-    admin.hset(keys.attempts, "CLAIMED1:cancel", 2)
-    admin.hset(keys.dead, "DEAD1:cancel", json.dumps({"due_ms": 1, "attempts": 3, "error": "x"}))
+    admin.zadd(keys.claims, {"CLAIMED1:cancel@1": 9_999_999_999_999})
+    admin.hset(keys.claims_per_key, "CLAIMED1:cancel", 1)
+    admin.hset(keys.attempts, "CLAIMED1:cancel@1", 2)
+    admin.hset(
+        keys.dead,
+        "DEAD1:cancel@1",
+        json.dumps({"timer": "DEAD1:cancel", "due_ms": 1, "attempts": 3, "error": "x"}),
+    )
     admin.zadd(keys.listeners, {"host:1": 1})
 
 
@@ -160,15 +165,13 @@ def test_producer_user_schedules_and_cancels_but_may_not_claim_listen_or_touch_o
     assert acl_refusals(admin) <= {"client|setinfo"}
     assert lines == [
         "Redis user 'delayq-producer' has every permission a producer needs "
-        "(16 commands, 2 scripts probed)"
+        "(18 commands, 2 scripts probed)"
     ]
     # What only a listener may do is refused.
     scripts = Scripts.register(client)
     with pytest.raises(redis.ResponseError, match="permission"):
         k = Keys()
-        scripts.claim_due(
-            keys=[k.heads, k.inflight, k.inflight_due], args=[10, 1000, k.shard_prefix]
-        )
+        TimerStore(client, k, scripts).claim_due(10, 1000)
     pubsub = client.pubsub()  # type: ignore[no-untyped-call]
     try:
         pubsub.psubscribe(Keys().expired_channel)
@@ -224,7 +227,7 @@ def test_permission_checks_of_both_users_and_the_admin_change_no_key_and_fire_no
     assert snapshot(admin) == before
     # The only writes: a field of the probe key in two hashes, deleted again.
     k = Keys()
-    assert {key for _, key in seen} <= {k.inflight_due, k.attempts, "sentinel"}, seen
+    assert {key for _, key in seen} <= {k.dead, k.attempts, k.claims_per_key, "sentinel"}, seen
     assert not [e for e in seen if e[0] == "expired"]
     assert acl_refusals(admin) <= {"client|setinfo"}
 

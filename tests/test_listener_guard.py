@@ -6,10 +6,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from delayq.actions import Firing, Outcome
+from delayq.actions import Outcome
 from delayq.context import Delayq
 from delayq.listener import ListenerCrashed
 from delayq.settings import Settings
+from delayq.store import Firing
 from tests.harness import create_orders
 from tests.servers import RedisServer, wait_for
 
@@ -50,4 +51,4 @@ def test_a_crashing_applier_stops_the_listener_with_an_error_and_loses_nothing(
     assert isinstance(error, ListenerCrashed) and "applier" in str(error) and "a bug" in str(error)
     # The firing is still in Redis, claimable again when its lease runs out.
     client = redis_server.client()
-    assert client.zscore(dq.keys.inflight, "BUG-1:cancel") is not None
+    assert [fid for fid, _ in client.zscan_iter(dq.keys.claims, match="BUG-1:cancel@*")]

@@ -167,9 +167,7 @@ def test_two_listeners_apply_each_timer_once(
     _schedule_spread(redis_server, sns, first_s=0.5, span_s=2.0)
     wait_for(_all_cancelled(engine, 2000), 60, interval_s=0.1, what="all orders cancelled")
     # Give a duplicate the chance to show up: every listener has drained its events.
-    wait_for(
-        lambda: redis_server.client().zcard(Keys().inflight) == 0, 30, what="nothing in flight"
-    )
+    wait_for(lambda: redis_server.client().zcard(Keys().claims) == 0, 30, what="nothing in flight")
     _assert_each_applied_once(engine, sns)
 
 
@@ -262,7 +260,7 @@ def test_timers_failing_too_often_are_dead_lettered_and_retry_dead_requeues_them
     dead_key = Keys().dead
     client = redis_server.client()
     wait_for(lambda: client.hlen(dead_key) == 50, 30, what="50 timers dead-lettered")
-    assert index_size(client) == 0 and client.zcard(Keys().inflight) == 0
+    assert index_size(client) == 0 and client.zcard(Keys().claims) == 0
     grant(True)
     admin_env = clean_env(
         REDIS_URL=redis_server.url(0), DATABASE_URL=mariadb_url, HOME=str(tmp_path)

@@ -1,11 +1,10 @@
--- Shared by every script (prepended when scripts are loaded). The due index is many
--- small sorted sets ("shards"); `heads` holds each shard's earliest due time, so the
--- earliest timers overall are found without looking at every shard.
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
+-- Shared by every script (prepended, after the clock, when scripts are loaded).
+--
+-- The due index is many small sorted sets ("shards") of timer key -> due ms; `heads`
+-- holds each shard's earliest due time, so the earliest timers overall are found without
+-- looking at every shard. A claimed timer becomes a *firing*, `KEY@DUE_MS`, in the
+-- claims set (firing id -> lease deadline), and `claims:keys` counts the firings of each
+-- timer key there.
 local function refresh_head(heads, shard_key, shard_id)
   local head = redis.call('ZRANGE', shard_key, 0, 0, 'WITHSCORES')
   if #head == 0 then
@@ -13,4 +12,31 @@ local function refresh_head(heads, shard_key, shard_id)
   else
     redis.call('ZADD', heads, head[2], shard_id)
   end
+end
+
+local function firing_id(key, due)
+  return key .. '@' .. string.format('%d', tonumber(due))
+end
+
+local function firing_key(id)
+  return string.match(id, '^(.*)@%d+$')
+end
+
+-- Claim one firing unless it is claimed already (the same timer rescheduled to the
+-- same due time while that firing was being applied: it is one firing, fired once).
+local function add_claim(claims, per_key, key, due, lease_until)
+  local id = firing_id(key, due)
+  if redis.call('ZADD', claims, 'NX', lease_until, id) == 1 then
+    redis.call('HINCRBY', per_key, key, 1)
+    return id
+  end
+  return nil
+end
+
+-- A firing leaves the claims set (acknowledged or dead-lettered); false if it had left.
+local function drop_claim(claims, per_key, id)
+  if redis.call('ZREM', claims, id) == 0 then return false end
+  local key = firing_key(id)
+  if redis.call('HINCRBY', per_key, key, -1) <= 0 then redis.call('HDEL', per_key, key) end
+  return true
 end

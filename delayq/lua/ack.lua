@@ -1,14 +1,13 @@
--- Forget timers whose outcome is committed in the database.
--- KEYS: in-flight set, in-flight due hash, attempts hash, recent set.
--- ARGV: recent window ms, then timer keys.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Forget firings whose outcome is committed in the database. Only the firings named are
+-- touched: a newer firing of the same timer stays claimed.
+-- KEYS: claims, claims per key, attempts hash, recent set.
+-- ARGV: recent window ms, then firing ids.
+local now = now_ms()
 for i = 2, #ARGV do
-  local key = ARGV[i]
-  redis.call('ZREM', KEYS[1], key)
-  redis.call('HDEL', KEYS[2], key)
-  redis.call('HDEL', KEYS[3], key)
-  redis.call('ZADD', KEYS[4], now, key)
+  local id = ARGV[i]
+  drop_claim(KEYS[1], KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('ZADD', KEYS[4], now, firing_key(id))
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[1]))
 return #ARGV - 1

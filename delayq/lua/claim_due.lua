@@ -1,25 +1,35 @@
--- Claim timers that are due, and timers whose lease ran out (their listener died, or a
--- failed attempt is waiting for its retry). A claimed timer moves from the due index to
--- the in-flight set with a lease; it leaves Redis only when its outcome is committed.
--- KEYS: heads, in-flight set, in-flight due hash.
+-- Claim firings that are due, and firings whose lease ran out (their listener died, a
+-- failed attempt is waiting for its retry, or it was handed back). A claimed firing
+-- leaves the due index for the claims set with a lease; it leaves Redis only when its
+-- outcome is committed (ack) or it is given up on (dead letters).
+-- KEYS: heads, claims, claims per key, pre-0.2 in-flight set, pre-0.2 in-flight due hash.
 -- ARGV: limit, lease ms, shard key prefix.
--- Returns {now in microseconds, next wake-up ms or -1, n, key1, due1, key2, due2, ...}:
--- the first n timers were claimed before (their lease ran out), so they may have fired
--- already.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Returns {now in microseconds, next wake-up ms or -1, n, id1, id2, ...}: the first n
+-- firings were claimed before, so their outcome may be committed already.
+local us = now_us()
+local now = math.floor(us / 1000)
 local limit = tonumber(ARGV[1])
 local lease_until = now + tonumber(ARGV[2])
--- Microseconds, so the listener can sleep to the exact millisecond of the next due time.
-local out = {tonumber(t[1]) * 1000000 + tonumber(t[2]), -1, 0}
+local out = {us, -1, 0}
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
-for _, key in ipairs(stale) do
-  redis.call('ZADD', KEYS[2], lease_until, key)
-  out[#out + 1] = key
-  out[#out + 1] = redis.call('HGET', KEYS[3], key) or now
+for _, id in ipairs(stale) do
+  redis.call('ZADD', KEYS[2], lease_until, id)
+  out[#out + 1] = id
 end
-out[3] = #stale
 local room = limit - #stale
+-- What a listener from before firing ids held and did not finish: taken over the same way.
+if room > 0 then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, room)
+  for _, key in ipairs(old) do
+    local due = redis.call('HGET', KEYS[5], key) or now
+    redis.call('ZREM', KEYS[4], key)
+    redis.call('HDEL', KEYS[5], key)
+    local id = add_claim(KEYS[2], KEYS[3], key, due, lease_until)
+    if id then out[#out + 1] = id end
+  end
+end
+out[3] = #out - 3
+room = limit - out[3]
 -- Due means due <= now in whole ms of Redis's clock: never before the due time.
 local shards = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, room)
 for _, shard_id in ipairs(shards) do
@@ -27,17 +37,23 @@ for _, shard_id in ipairs(shards) do
   local shard = ARGV[3] .. shard_id
   local due = redis.call('ZRANGEBYSCORE', shard, '-inf', now, 'WITHSCORES', 'LIMIT', 0, room)
   for i = 1, #due, 2 do
-    local key = due[i]
+    local key, score = due[i], tonumber(due[i + 1])
     redis.call('ZREM', shard, key)
-    redis.call('ZADD', KEYS[2], lease_until, key)
-    redis.call('HSET', KEYS[3], key, due[i + 1])
-    -- Touch the key so Redis expires it now (and emits its event now, while the timer is
-    -- in flight), not minutes later when its own expiry cycle gets to it.
-    redis.call('DEL', key)
-    out[#out + 1] = key
-    out[#out + 1] = due[i + 1]
+    local ttl_due = redis.call('PEXPIRETIME', key)
+    if ttl_due > score then
+      -- Re-armed (SETEX, EXPIRE) by a producer that does not use delayq after this entry
+      -- was made, and the listener has not yet seen its 'expire' event: the last
+      -- schedule wins, as it does for schedule_expiry.
+      redis.call('ZADD', shard, ttl_due, key)
+    else
+      -- Touch the key so Redis expires it now (and emits its event now, while the
+      -- firing is claimed), not minutes later when its own expiry cycle gets to it.
+      if ttl_due >= 0 then redis.call('DEL', key) end
+      local id = add_claim(KEYS[2], KEYS[3], key, score, lease_until)
+      if id then out[#out + 1] = id end
+      room = room - 1
+    end
   end
-  room = room - #due / 2
   refresh_head(KEYS[1], shard, shard_id)
 end
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')

@@ -1,17 +1,23 @@
--- Put dead-lettered timers back in the due index with their original due time (so they
--- fire at once), unless the same timer was scheduled again meanwhile.
--- KEYS: heads, dead hash. ARGV: wake channel, shard key prefix, then per
--- timer its key and its shard number.
+-- Re-queue dead-lettered firings to fire now: each goes back to the claims set with its
+-- lease already run out, so the next claim takes it, for its original due time. A newer
+-- schedule of the same timer is not touched (it fires at its own time).
+-- KEYS: claims, claims per key, dead hash, attempts hash. ARGV: wake channel, then dead
+-- letter fields (firing ids; timer keys for dead letters from before firing ids).
+local now = now_ms()
 local n = 0
-for i = 3, #ARGV, 2 do
-  local key, shard_id = ARGV[i], ARGV[i + 1]
-  local entry = redis.call('HGET', KEYS[2], key)
+for i = 2, #ARGV do
+  local field = ARGV[i]
+  local entry = redis.call('HGET', KEYS[3], field)
   if entry then
-    local due = cjson.decode(entry).due_ms
-    local shard = ARGV[2] .. shard_id
-    redis.call('ZADD', shard, 'NX', due, key)
-    refresh_head(KEYS[1], shard, shard_id)
-    redis.call('HDEL', KEYS[2], key)
+    local key, due = firing_key(field), nil
+    if key then
+      due = string.match(field, '@(%d+)$')
+    else
+      key, due = field, cjson.decode(entry).due_ms
+    end
+    local id = add_claim(KEYS[1], KEYS[2], key, due, now)
+    if id then redis.call('HDEL', KEYS[4], id) end
+    redis.call('HDEL', KEYS[3], field)
     n = n + 1
   end
 end

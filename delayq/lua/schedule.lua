@@ -1,8 +1,9 @@
 -- Schedule or move timers: each TTL key and its index entry are written together.
 -- KEYS: heads, then per timer its timer key and its index shard.
 -- ARGV: wake channel, then per timer a mode ('in' = delay ms, 'at' = epoch ms), a value
--- and its shard number. Returns the due time (epoch ms) of each timer. Due times come
--- from Redis's clock, the same clock that expires the key, so index and TTL agree.
+-- and its shard number. Returns the due time (epoch ms) of each timer.
+-- A firing of the same timer already claimed is not touched: it completes, and this
+-- schedule fires as well (the last schedule always fires).
 local now = now_ms()
 local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local earliest = nil

@@ -1,0 +1,342 @@
+"""The timer state machine in Redis: every transition is one Lua script (delayq/lua/).
+
+A timer key `ORDER_SN:ACTION` has at most one *pending schedule* (its entry in the due
+index) and any number of *firings* (the timer falling due at one time, `KEY@DUE_MS`)
+claimed by listeners:
+
+    schedule ──> pending ──claim (due <= now)──> claimed ──ack──> (done)
+       ^ again: moves it        │                  │  ^
+       │                        cancel             │  └─ lease ran out / handed back /
+       │                        v                  │     retry time came: claimed again
+       └── legacy SETEX/EXPIRE  (gone)             └─ too many failures ──> dead ──retry-dead─┐
+           adopted                                          ^─────────────────────────────────┘
+
+Keying claims by firing is what makes rescheduling safe: a firing already being applied
+completes and is acknowledged on its own, while the newer schedule stays pending (or is
+claimed as its own firing) and fires too. `cancel` removes the pending schedule; it
+reports success only when no claimed firing of the timer can still apply.
+
+Each method is one script call (the sweep: one SCAN and one script); Redis errors
+propagate to the caller, which knows whether to retry, report or wait for a lease.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import redis
+
+from delayq.keys import Keys, firing_id, parse_firing_id, shard_of
+from delayq.redis_conn import Scripts
+
+#: Dead letters re-queued per script call, so that re-queuing 100,000 holds Redis only
+#: ~1 ms at a time.
+REQUEUE_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Firing:
+    """One claimed firing: a timer key and the due time it fires for."""
+
+    key: str
+    due_ms: int
+    #: Claimed before (lease ran out, retry, hand-back): its outcome may be committed already.
+    reclaimed: bool = False
+
+    @property
+    def id(self) -> str:
+        return firing_id(self.key, self.due_ms)
+
+    @classmethod
+    def from_id(cls, fid: str, *, reclaimed: bool = False) -> Firing:
+        key, due_ms = parse_firing_id(fid)
+        return cls(key, due_ms, reclaimed)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one claim_due call returns."""
+
+    #: Redis's clock when it claimed, in ms with a fraction (microseconds).
+    now_ms: float
+    #: The next due time or lease end (ms), or -1 when nothing is pending or claimed.
+    next_ms: int
+    firings: list[Firing]
+
+
+@dataclass(frozen=True)
+class TimerState:
+    """One timer as Redis holds it."""
+
+    key: str
+    #: Due time of its pending schedule (ms), if it has one.
+    pending_due_ms: int | None
+    #: Time to live of its TTL key (ms), if the key exists with a TTL.
+    ttl_ms: int | None
+    #: (firing, lease deadline ms, failed attempts) of each claimed firing, oldest first.
+    claims: list[tuple[Firing, int, int]]
+    #: Its dead letters (JSON entries), oldest due first.
+    dead: list[dict[str, Any]]
+
+
+#: cancel()'s answers.
+CANCELLED, NOT_PENDING, FIRING_NOW = 1, 0, -1
+
+
+class TimerStore:
+    """delayq's keys in one Redis (one DB), driven through the scripts. Thread-safe."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, scripts: Scripts | None = None) -> None:
+        self.client = client
+        self.keys = keys
+        self.scripts = scripts or Scripts.register(client)
+
+    # -- producers -----------------------------------------------------------------------
+
+    def schedule(
+        self, timers: Sequence[tuple[str, str, int]], pipe: redis.client.Pipeline | None = None
+    ) -> list[int]:
+        """Arm or move timers, given as (timer key, 'in' | 'at', ms). Returns each due time
+        (epoch ms), or nothing when queued on `pipe`."""
+        keys = [self.keys.heads]
+        args: list[Any] = [self.keys.wake_channel]
+        for key, mode, value in timers:
+            keys += [key, self.keys.shard(key)]
+            args += [mode, value, shard_of(key)]
+        if pipe is not None:
+            self.scripts.schedule(keys=keys, args=args, client=pipe)
+            return []
+        return [int(d) for d in self.scripts.schedule(keys=keys, args=args)]
+
+    def cancel(self, key: str) -> int:
+        """Disarm a timer: CANCELLED (no firing of it will apply after this returns),
+        NOT_PENDING (nothing was pending), or FIRING_NOW (the pending schedule is gone, but
+        an earlier firing is being applied)."""
+        keys, args = _cancel_call(self.keys, [key])
+        return int(self.scripts.cancel(keys=keys, args=args)[0])
+
+    def claim_due(self, limit: int, lease_ms: int) -> Claim:
+        """Claim up to `limit` firings: those whose lease ran out first, then those due."""
+        keys, args = _claim_due_call(self.keys, limit, lease_ms)
+        raw = self.scripts.claim_due(keys=keys, args=args)
+        reclaimed = int(raw[2])
+        firings = [
+            Firing.from_id(str(fid), reclaimed=i < reclaimed) for i, fid in enumerate(raw[3:])
+        ]
+        return Claim(int(raw[0]) / 1000, int(raw[1]), firings)
+
+    def claim_expired(self, timer_keys: Sequence[str], lease_ms: int) -> list[Firing]:
+        """Claim what 'expired' events name: a due index entry, or a key with none that no
+        listener is firing or fired lately (a legacy timer whose 'expire' event was missed)."""
+        keys, args = _claim_expired_call(self.keys, timer_keys, lease_ms)
+        return [
+            Firing.from_id(str(fid)) for fid in self.scripts.claim_expired(keys=keys, args=args)
+        ]
+
+    def adopt(self, timer_keys: Sequence[str]) -> int:
+        """Index TTL keys that producers outside delayq set, at their expiry time."""
+        k = self.keys
+        args = [k.wake_channel, k.shard_prefix, *_with_shards(timer_keys)]
+        return int(self.scripts.adopt(keys=[k.heads], args=args))
+
+    def forget(self, timer_keys: Sequence[str]) -> int:
+        """Drop the pending schedules of keys deleted before their due time."""
+        k = self.keys
+        return int(
+            self.scripts.forget(keys=[k.heads], args=[k.shard_prefix, *_with_shards(timer_keys)])
+        )
+
+    def sweep(
+        self,
+        cursor: int,
+        count: int,
+        adopt: Callable[[Callable[[Sequence[str]], int], Sequence[str]], int] | None = None,
+    ) -> tuple[int, int]:
+        """One step of a SCAN over the timer DB that adopts TTL keys set while no listener
+        heard their 'expire' event: (next cursor, 0 when the pass is complete; adopted).
+        `adopt(self.adopt, keys)` wraps the adoption if given (to skip refused keys)."""
+        cursor, found = self.client.scan(cursor, count=count, _type="string")
+        names = [str(key) for key in found]
+        timers = [key for key in names if ":" in key and not self.keys.is_own(key)]
+        if not timers:
+            return int(cursor), 0
+        return int(cursor), adopt(self.adopt, timers) if adopt else self.adopt(timers)
+
+    # -- listeners: settling -------------------------------------------------------------
+
+    def ack(self, firing_ids: Sequence[str], recent_window_ms: int) -> None:
+        """Forget firings whose outcome is committed; only these firings are touched."""
+        keys, args = _ack_call(self.keys, list(dict.fromkeys(firing_ids)), recent_window_ms)
+        self.scripts.ack(keys=keys, args=args)
+
+    def retry_later(
+        self,
+        firing_ids: Sequence[str],
+        *,
+        max_attempts: int,
+        backoff_ms: int,
+        backoff_max_ms: int,
+        error: str,
+    ) -> int:
+        """Count a failed attempt of each firing still claimed: retry after a backoff, or
+        dead-letter it. Returns how many were dead-lettered."""
+        keys, args = _retry_later_call(
+            self.keys,
+            list(dict.fromkeys(firing_ids)),
+            max_attempts,
+            backoff_ms,
+            backoff_max_ms,
+            error,
+        )
+        return int(self.scripts.retry_later(keys=keys, args=args))
+
+    def release(self, firing_ids: Sequence[str]) -> None:
+        """Hand claimed firings back: claimable again at once, by any listener."""
+        self.scripts.release(keys=[self.keys.claims], args=list(firing_ids))
+
+    def requeue_dead(self, names: Iterable[str] = ()) -> int:
+        """Re-queue dead letters to fire now: the firings named (firing ids, or timer keys
+        for every dead firing of those timers), or all of them. In chunks, so a large
+        re-queue never holds Redis long."""
+        fields = self._dead_fields(list(names))
+        k = self.keys
+        n = 0
+        while chunk := list(islice(fields, REQUEUE_CHUNK)):
+            n += int(
+                self.scripts.retry_dead(
+                    keys=[k.claims, k.claims_per_key, k.dead, k.attempts],
+                    args=[k.wake_channel, *chunk],
+                )
+            )
+        return n
+
+    def _dead_fields(self, names: list[str]) -> Iterator[str]:
+        if not names:
+            for field in self.client.hscan_iter(self.keys.dead, count=REQUEUE_CHUNK):
+                yield str(field[0])
+            return
+        for name in names:
+            if "@" in name:
+                yield name
+            else:
+                # The timer's dead firings (and its dead letter from before firing ids).
+                yield name
+                for field, _ in self.client.hscan_iter(
+                    self.keys.dead, match=f"{_glob_escape(name)}@*", count=REQUEUE_CHUNK
+                ):
+                    yield str(field)
+
+    def timer_state(self, key: str) -> TimerState:
+        """Everything Redis holds about one timer (a few reads, none of them scripts)."""
+        k = self.keys
+        pattern = f"{_glob_escape(key)}@*"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zscore(k.shard(key), key)
+        pipe.pttl(key)
+        pipe.hget(k.dead, key)
+        due, ttl_ms, old_dead = pipe.execute()
+        claims = []
+        for fid, lease in self.client.zscan_iter(k.claims, match=pattern, count=1000):
+            attempts = self.client.hget(k.attempts, fid)
+            claims.append((Firing.from_id(str(fid)), int(lease), int(attempts or 0)))
+        dead = [
+            json.loads(entry)
+            for _, entry in self.client.hscan_iter(k.dead, match=pattern, count=1000)
+        ]
+        if old_dead:
+            dead.append(json.loads(old_dead))
+        return TimerState(
+            key=key,
+            pending_due_ms=None if due is None else int(due),
+            ttl_ms=None if ttl_ms < 0 else int(ttl_ms),
+            claims=sorted(claims, key=lambda c: c[0].due_ms),
+            dead=sorted(dead, key=lambda d: int(d["due_ms"])),
+        )
+
+    def heartbeat(self, listener_id: str) -> None:
+        self.scripts.heartbeat(keys=[self.keys.listeners], args=[listener_id])
+
+    @staticmethod
+    def noop_calls_for(keys: Keys, probe_key: str) -> dict[str, tuple[list[str], list[Any]]]:
+        """Each script's (keys, args) for a call that changes nothing: what `delayq check`
+        runs to test the ACL with exactly the keys the real calls use. (`probe_key` is
+        never scheduled, so cancelling or adopting it finds nothing.)"""
+        k = keys
+        return {
+            "schedule": ([k.heads], [k.wake_channel]),
+            "cancel": _cancel_call(k, [probe_key]),
+            "claim_due": _claim_due_call(k, 0, 1),
+            "claim_expired": _claim_expired_call(k, [], 1),
+            "adopt": ([k.heads], [k.wake_channel, k.shard_prefix, *_with_shards([probe_key])]),
+            "forget": ([k.heads], [k.shard_prefix]),
+            # A window longer than the epoch: trims no tombstone.
+            "ack": _ack_call(k, [], 10**15),
+            "retry_later": _retry_later_call(k, [], 1, 1, 1, "-"),
+            "release": ([k.claims], []),
+            "retry_dead": ([k.claims, k.claims_per_key, k.dead, k.attempts], [k.wake_channel]),
+        }
+
+
+def _with_shards(timer_keys: Iterable[str]) -> list[str | int]:
+    out: list[str | int] = []
+    for key in timer_keys:
+        out += [key, shard_of(key)]
+    return out
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
+def _cancel_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
+    keys = [k.heads, k.recent, k.claims_per_key]
+    for key in timer_keys:
+        keys += [key, k.shard(key)]
+    return keys, [shard_of(key) for key in timer_keys]
+
+
+# -- listeners: claiming -------------------------------------------------------------
+
+
+def _claim_due_call(k: Keys, limit: int, lease_ms: int) -> tuple[list[str], list[Any]]:
+    return (
+        [k.heads, k.claims, k.claims_per_key, k.inflight, k.inflight_due],
+        [limit, lease_ms, k.shard_prefix],
+    )
+
+
+def _claim_expired_call(
+    k: Keys, timer_keys: Sequence[str], lease_ms: int
+) -> tuple[list[str], list[Any]]:
+    return [k.heads, k.claims, k.claims_per_key, k.recent], [
+        lease_ms,
+        k.shard_prefix,
+        *_with_shards(timer_keys),
+    ]
+
+
+def _ack_call(
+    k: Keys, firing_ids: Sequence[str], recent_window_ms: int
+) -> tuple[list[str], list[Any]]:
+    return [k.claims, k.claims_per_key, k.attempts, k.recent], [recent_window_ms, *firing_ids]
+
+
+def _retry_later_call(
+    k: Keys,
+    firing_ids: Sequence[str],
+    max_attempts: int,
+    backoff_ms: int,
+    backoff_max_ms: int,
+    error: str,
+) -> tuple[list[str], list[Any]]:
+    return [k.claims, k.claims_per_key, k.attempts, k.dead, k.recent], [
+        max_attempts,
+        backoff_ms,
+        backoff_max_ms,
+        error,
+        *firing_ids,
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -11,7 +12,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from delayq.db import VERSION_TABLE
-from delayq.settings import Settings
+from delayq.errors import NotReady
+from delayq.settings import Settings, mask_url
 
 
 def migrations_dir() -> Path:
@@ -48,10 +50,23 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine, settings: Settings) -> tuple[str | None, str]:
     """Upgrade to head; returns (revision before, revision after). Safe to run while
-    listeners run: each migration is one transaction where the database allows it."""
+    listeners run: each migration is one transaction where the database allows it.
+
+    A database that does not answer raises sqlalchemy's OperationalError (the caller
+    reports it as unreachable); one that answers but refuses a statement raises NotReady."""
     before = current_revision(engine)
     config = _config(settings)
-    with engine.begin() as conn:
+    with engine.connect() as conn:
         config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+        try:
+            with conn.begin():
+                command.upgrade(config, "head")
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated:  # the server went away mid-way
+                raise
+            reason = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
+            raise NotReady(
+                f"database at {mask_url(settings.effective_database_url)} refused the "
+                f"migration: {reason}"
+            ) from None
     return before, head_revision()

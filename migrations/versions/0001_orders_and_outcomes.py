@@ -27,8 +27,14 @@ def _now() -> sa.TextClause:
     return sa.text("(strftime('%Y-%m-%d %H:%M:%f', 'now'))")
 
 
+def _create_orders_table() -> bool:
+    # Never over a table of that name: it is the application's own, used as it is.
+    wanted = context.config.attributes.get("create_orders_table", True)
+    return bool(wanted) and not sa.inspect(op.get_bind()).has_table("orders")
+
+
 def upgrade() -> None:
-    if context.config.attributes.get("create_orders_table", True):
+    if _create_orders_table():
         op.create_table(
             "orders",
             sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
@@ -59,5 +65,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_delayq_outcomes_fired_at", table_name="delayq_outcomes")
     op.drop_table("delayq_outcomes")
-    if context.config.attributes.get("create_orders_table", True):
-        op.drop_table("orders")
+    # The orders table stays: it may be the application's own, and it holds its orders.

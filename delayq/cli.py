@@ -104,7 +104,10 @@ def listen(
     ] = False,
     http: Annotated[
         str | None,
-        typer.Option(help="Serve /metrics, /healthz, /readyz and the dashboard on HOST:PORT."),
+        typer.Option(
+            help="Serve /metrics, /healthz, /readyz and the dashboard on HOST:PORT (':PORT' "
+            "is 127.0.0.1:PORT; all interfaces only as 0.0.0.0:PORT or [::]:PORT)."
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[

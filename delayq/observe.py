@@ -15,10 +15,12 @@ from __future__ import annotations
 import hmac
 import html
 import logging
+import socket
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -37,8 +39,17 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from delayq.actions import (
+    ALREADY_RECORDED,
+    APPLIED,
+    MALFORMED_KEY,
+    NOT_FOUND,
+    UNKNOWN_ACTION,
+    actions_from,
+)
 from delayq.errors import InvalidInput
 from delayq.figures import redis_figures
+from delayq.settings import Settings
 
 if TYPE_CHECKING:
     from delayq.listener import Listener
@@ -65,12 +76,37 @@ LATENESS_BUCKETS_S = (
 )
 #: The dashboard's lateness percentiles cover this many seconds of firings.
 WINDOW_S = 300.0
+#: A client that has not sent its whole request after this long is disconnected.
+REQUEST_TIMEOUT_S = 10.0
+#: Largest re-queue form read; the rest of a longer body is ignored.
+MAX_FORM_BYTES = 64 * 1024
+#: The label that stands for every action or outcome outside the known ones.
+OTHER = "other"
+#: Scrapes that fail to read Redis are logged at most once per this many seconds.
+ERROR_LOG_INTERVAL_S = 60.0
+
+
+def known_labels(settings: Settings) -> tuple[set[str], set[str]]:
+    """The actions and outcomes the applier can report with `settings`: the label values
+    of delayq_timers_fired. Timer keys are written by anyone, so their action names
+    are not: outside these sets they are counted as "other"."""
+    actions = actions_from(settings)
+    outcomes = {APPLIED, NOT_FOUND, UNKNOWN_ACTION, MALFORMED_KEY, ALREADY_RECORDED}
+    return set(actions), outcomes | {a.skipped for a in actions.values()}
 
 
 class Metrics:
-    """The listener's own counters, and a collector that reads Redis at scrape time."""
+    """The listener's own counters, and a collector that reads Redis at scrape time.
 
-    def __init__(self) -> None:
+    Firings are counted by action and outcome among `actions` and `outcomes` (default:
+    those of the default settings; `allow` adds more), any other value as "other"."""
+
+    def __init__(
+        self, actions: Iterable[str] | None = None, outcomes: Iterable[str] | None = None
+    ) -> None:
+        default_actions, default_outcomes = known_labels(Settings())
+        self.actions = set(default_actions if actions is None else actions)
+        self.outcomes = set(default_outcomes if outcomes is None else outcomes)
         self.registry = CollectorRegistry()
         r = self.registry
         self.fired = Counter(
@@ -111,8 +147,16 @@ class Metrics:
         self.recent: deque[tuple[float, float | None]] = deque(maxlen=200_000)
         self._lock = threading.Lock()
 
+    def allow(self, *, actions: Iterable[str] = (), outcomes: Iterable[str] = ()) -> None:
+        """Count these actions and outcomes under their own labels from now on."""
+        self.actions.update(actions)
+        self.outcomes.update(outcomes)
+
     def observe_firing(self, action: str, outcome: str, lateness_ms: float | None) -> None:
-        self.fired.labels(action, outcome).inc()
+        self.fired.labels(
+            action if action in self.actions else OTHER,
+            outcome if outcome in self.outcomes else OTHER,
+        ).inc()
         if lateness_ms is not None:
             self.lateness.observe(max(lateness_ms, 0.0) / 1000)
         with self._lock:
@@ -141,12 +185,24 @@ class RedisFigures(Collector):
     def __init__(self, client: redis.Redis, listener: Listener) -> None:
         self.client = client
         self.listener = listener
+        self._logged_at: float | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             f = redis_figures(self.client, self.listener.keys, dead_limit=0)
-        except redis.RedisError:
-            return  # /healthz says why; absent series are what alerting expects
+        except Exception as exc:
+            # The series are left out (absent series are what alerting expects, and
+            # /healthz says why); the log says so once a minute, not at every scrape.
+            now = time.monotonic()
+            if self._logged_at is None or now - self._logged_at >= ERROR_LOG_INTERVAL_S:
+                self._logged_at = now
+                log.warning(
+                    "/metrics without the Redis gauges: %s: %s",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                    exc_info=not isinstance(exc, redis.RedisError),
+                )
+            return
         for name, value, text in (
             ("delayq_pending", f["pending"], "Timers waiting for their due time."),
             ("delayq_overdue", f["overdue"], "Timers past due and not yet claimed."),
@@ -158,22 +214,41 @@ class RedisFigures(Collector):
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """'127.0.0.1:9808' or ':9808' (all interfaces) -> (host, port)."""
+    """'127.0.0.1:9808' or ':9808' (loopback) -> (host, port). All interfaces only when
+    named: '0.0.0.0:9808', '[::]:9808'."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise InvalidInput(f"invalid --http address {text!r}: use HOST:PORT, e.g. 127.0.0.1:9808")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, BrokenPipeError | ConnectionResetError | TimeoutError):
+            # Routine (a scrape that timed out, a closed browser tab): no traceback.
+            log.debug("client %s went away or was too slow: %s", client_address[0], exc)
+            return
+        log.exception("HTTP request from %s failed", client_address[0])
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 def serve(listener: Listener, address: tuple[str, int], token: str | None) -> ThreadingHTTPServer:
     """Start the HTTP server on a daemon thread; the caller shuts it down."""
+    actions, outcomes = known_labels(listener.settings)
+    listener.metrics.allow(actions=actions, outcomes=outcomes)
     listener.metrics.registry.register(RedisFigures(listener.client, listener))
     handler = type("Handler", (_Handler,), {"listener": listener, "token": token})
+    server_class = _Server6 if ":" in address[0] else _Server
     try:
-        server = ThreadingHTTPServer(address, handler)
+        server = server_class(address, handler)
     except OSError as exc:
         raise InvalidInput(f"cannot serve HTTP on {address[0]}:{address[1]}: {exc}") from None
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="delayq-http", daemon=True).start()
     log.info(
         "serving /metrics, /healthz, /readyz and the dashboard on http://%s:%d/",
@@ -186,6 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
     listener: Listener
     token: str | None
     server_version = "delayq"
+    # A client that sends nothing must not hold a thread for ever.
+    timeout = REQUEST_TIMEOUT_S
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -207,8 +284,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/dead/requeue":
             self._send(HTTPStatus.NOT_FOUND, "not found\n")
             return
-        length = min(int(self.headers.get("Content-Length") or 0), 64 * 1024)
-        form = parse_qs(self.rfile.read(length).decode(errors="replace"))
+        length = self.headers.get("Content-Length", "0").strip()
+        if not (length.isascii() and length.isdigit()):
+            self._send(HTTPStatus.BAD_REQUEST, "bad Content-Length\n")
+            return
+        body = self.rfile.read(min(int(length), MAX_FORM_BYTES))
+        form = parse_qs(body.decode(errors="replace"))
         given = form.get("token", [""])[0]
         if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
             page = _page(
@@ -270,12 +351,14 @@ class _Handler(BaseHTTPRequestHandler):
             figures = {}
         query = parse_qs(self.path.partition("?")[2])
         requeued = query.get("requeued", [""])[0]
+        # ASCII digits only: '²'.isdigit() is True, and int() refuses it.
+        shown = requeued.isascii() and requeued.isdigit() and len(requeued) <= 9
         page = render_dashboard(
             figures,
             self.listener.metrics.window(),
             problems,
             requeue_enabled=bool(self.token),
-            notice=f"Re-queued {int(requeued)} dead-lettered timers." if requeued.isdigit() else "",
+            notice=f"Re-queued {int(requeued)} dead-lettered timers." if shown else "",
         )
         self._send(HTTPStatus.OK, page, "text/html")
 

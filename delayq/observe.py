@@ -45,6 +45,7 @@ from delayq.actions import (
     MALFORMED_KEY,
     NOT_FOUND,
     UNKNOWN_ACTION,
+    UNMAPPED_FLAG,
     actions_from,
 )
 from delayq.errors import InvalidInput
@@ -91,7 +92,7 @@ def known_labels(settings: Settings) -> tuple[set[str], set[str]]:
     of delayq_timers_fired. Timer keys are written by anyone, so their action names
     are not: outside these sets they are counted as "other"."""
     actions = actions_from(settings)
-    outcomes = {APPLIED, NOT_FOUND, UNKNOWN_ACTION, MALFORMED_KEY, ALREADY_RECORDED}
+    outcomes = {APPLIED, NOT_FOUND, UNKNOWN_ACTION, UNMAPPED_FLAG, MALFORMED_KEY, ALREADY_RECORDED}
     return set(actions), outcomes | {a.skipped for a in actions.values()}
 
 

@@ -200,6 +200,7 @@ def test_metric_labels_from_timer_keys_are_bounded() -> None:
         metrics.observe_firing(f"made_up_{i}", "unknown_action", None)
     metrics.observe_firing("cancel", "applied", 5.0)
     metrics.observe_firing("complete", "skipped_not_paid", None)
+    metrics.observe_firing("cancel", "unmapped_flag", None)
     metrics.observe_firing("cancel", "something_new", None)
     metrics.allow(actions=["refund"], outcomes=["skipped_not_pending"])
     metrics.observe_firing("refund", "skipped_not_pending", None)
@@ -216,6 +217,7 @@ def test_metric_labels_from_timer_keys_are_bounded() -> None:
         (("action", "other"), ("outcome", "unknown_action")),
         (("action", "cancel"), ("outcome", "applied")),
         (("action", "complete"), ("outcome", "skipped_not_paid")),
+        (("action", "cancel"), ("outcome", "unmapped_flag")),
         (("action", "cancel"), ("outcome", "other")),
         (("action", "refund"), ("outcome", "skipped_not_pending")),
     }

@@ -57,6 +57,9 @@ class BenchConfig:
     database_url: str | None = None
     redis_url: str | None = None
     naive: bool = False
+    #: Write the measured timers as a producer that does not use delayq would (plain SET
+    #: with PXAT): the listener adopts them from their 'expire' events.
+    legacy: bool = False
     drain_timeout_s: float = 120.0
     #: Listener settings under test (None: the defaults).
     batch_size: int | None = None
@@ -265,7 +268,7 @@ class Run:
             (f"FAR{j:026d}", timedelta(days=1, milliseconds=100 * j))
             for j in range(start, start + n)
         ]
-        if self.mode == "delayq":
+        if self.mode != "naive":
             Producer(self.client, self.keys).schedule_many(items)
         else:
             pipe = self.client.pipeline(transaction=False)
@@ -403,7 +406,7 @@ def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> 
         try:
             per_timer = run.prepare()
             listener_cm: Any
-            if mode == "delayq":
+            if mode != "naive":
                 listener_cm = listener_process(run.settings, workdir / "listener.log")
             else:
                 listener_cm = contextlib.nullcontext()
@@ -466,7 +469,8 @@ def run_bench(
             transient=True,
         ) as progress,
     ):
-        for mode in ["delayq", "naive"] if cfg.naive else ["delayq"]:
+        modes = ["legacy" if cfg.legacy else "delayq"] + (["naive"] if cfg.naive else [])
+        for mode in modes:
             results.append(run_once(cfg, mode, progress, Path(tmp)))
     report: dict[str, Any] = {
         "machine": _machine(),

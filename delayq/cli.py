@@ -100,7 +100,7 @@ def cancel(ctx: typer.Context, order_sn: str, action: ActionOpt = "cancel") -> N
 def listen(
     ctx: typer.Context,
     configure_redis: Annotated[
-        bool, typer.Option(help="Turn on notify-keyspace-events Ex with CONFIG SET if it is off.")
+        bool, typer.Option(help="Turn on notify-keyspace-events Egx with CONFIG SET if it is off.")
     ] = False,
     http: Annotated[
         str | None,
@@ -241,6 +241,10 @@ def bench(
         str | None, typer.Option(help="Redis to use (default: a temporary redis-server).")
     ] = None,
     naive: Annotated[bool, typer.Option(help="Also run keyspace events alone.")] = False,
+    legacy: Annotated[
+        bool,
+        typer.Option(help="Fire timers written by a plain SET PXAT (adopted), not delayq's."),
+    ] = False,
     batch_size: Annotated[
         int | None, typer.Option(help="DELAYQ_BATCH_SIZE for the listener.")
     ] = None,
@@ -262,6 +266,7 @@ def bench(
         database_url=database_url,
         redis_url=redis_url,
         naive=naive,
+        legacy=legacy,
         drain_timeout_s=drain_timeout,
         batch_size=batch_size,
         appliers=appliers,

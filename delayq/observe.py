@@ -439,7 +439,7 @@ def render_dashboard(
     )
     dead_letters = figures.get("dead_letters", [])
     rows = "".join(
-        f'<tr><td><input type="checkbox" name="timer" value="{e(d["timer"])}"'
+        f'<tr><td><input type="checkbox" name="timer" value="{e(d["firing"])}"'
         f' form="requeue-form"{"" if requeue_enabled else " disabled"}></td>'
         f"<td>{e(d['timer'])}</td><td class=when>{e(_when(d['due_at']) or '')}</td>"
         f"<td class=when>{e(_when(d.get('dead_at')) or '')}</td><td>{d['attempts']}</td>"

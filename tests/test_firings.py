@@ -26,7 +26,9 @@ from tests.harness import (
     migrate_cli,
     outcome_rows,
 )
-from tests.servers import RedisFactory, RedisServer, wait_for
+from tests.servers import SERVER_KINDS, RedisFactory, RedisServer, wait_for
+
+pytestmark = pytest.mark.parametrize("server_kind", SERVER_KINDS)
 
 
 @pytest.fixture

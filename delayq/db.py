@@ -81,7 +81,8 @@ def make_engine(
     backend = url.get_backend_name()
     if backend == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            # Private, like the embedded Redis's data beside it (0700).
+            Path(url.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         opts["connect_args"] = {"timeout": 30}
     else:
         if pool_size is None:
@@ -99,11 +100,31 @@ def make_engine(
         engine = sa.create_engine(url, **opts)
     except (ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         raise InvalidInput(f"DELAYQ_DATABASE_URL: cannot use {mask_url(url_text)}: {exc}") from None
+    _refuse_unknown_driver_arguments(engine, url_text)
     if engine.dialect.name == "sqlite":
         _sqlite_serialised_writes(engine)
     elif backend in ("mysql", "mariadb"):
         _mariadb_idle_transaction_timeout(engine, timeout_s)
     return engine
+
+
+def _refuse_unknown_driver_arguments(engine: Engine, url_text: str) -> None:
+    """A URL query parameter the driver does not take (`?ssl_password=` with PyMySQL) would
+    be a TypeError at the first connection: refuse it now, in one line. (psycopg checks
+    its own options and names the bad one; SQLite's are few.)"""
+    if engine.dialect.driver != "pymysql":
+        return
+    import inspect
+
+    import pymysql  # type: ignore[import-untyped]
+
+    accepted = set(inspect.signature(pymysql.connections.Connection.__init__).parameters)
+    _, params = engine.dialect.create_connect_args(engine.url)
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise InvalidInput(
+            f"DELAYQ_DATABASE_URL: {mask_url(url_text)}: PyMySQL does not take {', '.join(unknown)}"
+        )
 
 
 def _timeouts(url: sa.URL, timeout_s: float, connect_timeout_s: float) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -60,8 +61,16 @@ RECENT_WINDOW_MS = 120_000
 HEARTBEAT_S = 1.0
 #: Keyspace events handled per script call.
 EVENT_BATCH = 1000
-#: Keys the sweeper asks SCAN for per step.
-SWEEP_COUNT = 500
+#: `expire` events are adopted in batches gathered over this long (a legacy timer due
+#: sooner than this after it is set fires up to this late).
+ADOPT_AFTER_S = 0.02
+#: `del` and `expired` events wait this long before they are handled, so that the keys of
+#: this listener's own claims (deleted as they are claimed) are known to be its own.
+SETTLE_S = 0.1
+#: How long a thread may hold the GIL while another waits for it (Python's default: 5 ms).
+SWITCH_INTERVAL_S = 0.0005
+#: Keys the sweeper asks SCAN for per step: each step holds Redis well under a millisecond.
+SWEEP_COUNT = 200
 
 
 class ListenerCrashed(DelayqError):
@@ -161,6 +170,10 @@ class Listener:
         # Everything loaded so far lives as long as the process: keep it out of the
         # collector's full passes, which otherwise stall the loop for tens of ms.
         gc.freeze()
+        # A thread waking for a due time waits for the GIL up to the switch interval
+        # while another (parsing keyspace events, sweeping) holds it: 5 ms by default,
+        # which was most of a timer's lateness at 1,000 timers a second.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         feeders = [
             threading.Thread(target=self._guarded(loop), name=f"delayq-{name}", daemon=True)
             for name, loop in (
@@ -317,40 +330,46 @@ class Listener:
         return early
 
     def _pump(self, pubsub: redis.client.PubSub, early: list[dict[str, Any]]) -> None:
+        """Hand keyspace events on in batches: `expire` (adopt) after ADOPT_AFTER_S, `del`
+        (forget) and `expired` (claim) after SETTLE_S. Batches keep the scripts' calls few;
+        the settle time lets this listener's own claims, whose keys are deleted as they
+        are claimed, be recognised here without asking Redis."""
         k = self.keys
+        waiting = {k.expire_channel: Events(), k.del_channel: Events(), k.expired_channel: Events()}
+        handlers: dict[str, tuple[float, Callable[[list[str]], None]]] = {
+            k.expire_channel: (
+                ADOPT_AFTER_S,
+                lambda keys: self._each_allowed(self.store.adopt, keys),
+            ),
+            k.del_channel: (SETTLE_S, lambda keys: self._each_allowed(self.store.forget, keys)),
+            k.expired_channel: (SETTLE_S, self.claim_expired),
+        }
         while not self.stopping.is_set():
-            batch = early or self._read_events(pubsub)
+            busy = any(waiting.values())
+            batch = early or self._read_events(pubsub, timeout_s=ADOPT_AFTER_S if busy else 0.2)
             early = []
-            events: dict[str, list[str]] = {
-                k.expired_channel: [],
-                k.expire_channel: [],
-                k.del_channel: [],
-            }
+            now = time.monotonic()
             for msg in batch:
                 if msg["type"] == "pmessage":
                     key = msg["data"]
                     if not k.is_own(key):
-                        events[msg["channel"]].append(key)
+                        waiting[msg["channel"]].add(now, key)
+                        self.metrics.last_event = now
                 elif msg["type"] == "message":
                     self.wake.set()
-            if any(events.values()):
-                self.metrics.last_event = time.monotonic()
-            if events[k.expire_channel]:
-                self._each_allowed(self.store.adopt, events[k.expire_channel])
-            # Our own claims' keys expire or are deleted as they are claimed: no need to
-            # ask Redis about those.
-            deleted = [key for key in events[k.del_channel] if key not in self.claimed_here]
-            if deleted:
-                self._each_allowed(self.store.forget, deleted)
-            expired = [key for key in events[k.expired_channel] if key not in self.claimed_here]
-            if expired:
-                self.claim_expired(expired)
+            for channel, (after_s, handle) in handlers.items():
+                keys = waiting[channel].take(now - after_s, EVENT_BATCH)
+                if channel != k.expire_channel:
+                    keys = [key for key in keys if key not in self.claimed_here]
+                if keys:
+                    handle(keys)
 
     @staticmethod
-    def _read_events(pubsub: redis.client.PubSub) -> list[dict[str, Any]]:
-        """Up to EVENT_BATCH messages: waits briefly for the first, takes what else is there."""
+    def _read_events(pubsub: redis.client.PubSub, timeout_s: float) -> list[dict[str, Any]]:
+        """Up to EVENT_BATCH messages: waits up to `timeout_s` for the first, takes what
+        else is there."""
         batch: list[dict[str, Any]] = []
-        msg = pubsub.get_message(timeout=0.2)
+        msg = pubsub.get_message(timeout=timeout_s)
         while msg is not None:
             batch.append(msg)
             if len(batch) >= EVENT_BATCH:
@@ -389,9 +408,12 @@ class Listener:
     # -- sweeper -------------------------------------------------------------------------
 
     def _sweep_loop(self) -> None:
-        """SCAN the timer DB for ever, adopting TTL keys whose `expire` event nobody heard
-        (set while no listener ran, or during a disconnect): a full pass at start-up, then
-        again and again at DELAYQ_SWEEP_KEYS_PER_S, so its cost to Redis stays bounded."""
+        """SCAN the timer DB for ever, adopting TTL keys whose `expire` event nobody heard:
+        set while no listener ran, during a disconnect, or on a server that publishes no
+        `expire` events (no `g` in notify-keyspace-events, a replica promoted without it).
+        The pass after start-up or a reconnect goes as fast as Redis answers (each step
+        holds it well under a millisecond, so claims still run between steps); the rest
+        at DELAYQ_SWEEP_KEYS_PER_S, so its cost to Redis stays bounded."""
         cursor, adopted = 0, 0
         step_s = SWEEP_COUNT / self.settings.sweep_keys_per_s
         pass_started, covered_until = time.monotonic(), float("-inf")
@@ -534,6 +556,29 @@ class Listener:
                 ", ".join(unmapped),
             )
         log.log(level, "fired %d in %.1f ms: %s%s", len(outcomes), took_s * 1000, summary, lateness)
+
+
+class Events:
+    """Keys named by keyspace events of one kind, oldest first, until handled."""
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[float, str]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def add(self, at: float, key: str) -> None:
+        self._queue.append((at, key))
+
+    def take(self, until: float, limit: int) -> list[str]:
+        """Keys that arrived at or before `until` (all of them once `limit` are waiting)."""
+        q = self._queue
+        if len(q) >= limit:
+            until = float("inf")
+        keys: list[str] = []
+        while q and q[0][0] <= until and len(keys) < limit:
+            keys.append(q.popleft()[1])
+        return keys
 
 
 class RecentKeys:

@@ -104,7 +104,6 @@ def _producer_commands(k: Keys) -> list[_Command]:
         *_no_op_zset("ZADD", key=k.recent),
         _cmd("HEXISTS", k.claims_per_key, PROBE_KEY, key=k.claims_per_key),
         _cmd("SET", PROBE_KEY, "1", "XX", "KEEPTTL", key=PROBE_KEY),
-        _cmd("PEXPIRETIME", PROBE_KEY, key=PROBE_KEY),
         _cmd("DEL", PROBE_KEY, key=PROBE_KEY),
         _cmd("PUBLISH", k.wake_channel, 0, channel=k.wake_channel),
     ]
@@ -136,7 +135,6 @@ def _listener_commands(k: Keys) -> list[_Command]:
         _cmd("HSCAN", k.dead, 0, "MATCH", f"{PROBE_KEY}@*", "COUNT", 1, key=k.dead),
         _cmd("DEL", PROBE_KEY, key=PROBE_KEY),
         _cmd("PTTL", PROBE_KEY, key=PROBE_KEY),
-        _cmd("PEXPIRETIME", PROBE_KEY, key=PROBE_KEY),
         _cmd("EXISTS", PROBE_KEY, key=PROBE_KEY),
         # The sweeper: SCAN is keyless (the ACL allows it or not).
         _cmd("SCAN", 0, "MATCH", PROBE_KEY, "COUNT", 1, "TYPE", "string"),

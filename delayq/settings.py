@@ -99,8 +99,9 @@ class Settings:
     #: producers write them (`SN1:1`): `1=cancel,2=complete`.
     flag_actions: str = ""
     #: Keys a second the sweeper SCANs for timers set while no listener heard their
-    #: `expire` event (at full speed until a pass after start-up or a reconnect is done).
-    sweep_keys_per_s: int = 10_000
+    #: `expire` event (as fast as Redis answers until a pass after start-up or a reconnect
+    #: is done).
+    sweep_keys_per_s: int = 2_000
     #: Most timers applied in one database transaction.
     batch_size: int = 1000
     #: Threads applying batches: while one waits for its commit, the next batch is built.
@@ -223,8 +224,8 @@ class Settings:
     def _validate_urls(self) -> None:
         # Checked here, before anything connects or the embedded Redis starts.
         if self.redis_url:
-            bad = urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix")
             try:
+                bad = urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix")
                 redis.connection.parse_url(self.redis_url)  # type: ignore[no-untyped-call]
             except ValueError:
                 bad = True

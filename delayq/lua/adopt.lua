@@ -9,8 +9,8 @@ local earliest = nil
 local n = 0
 for i = 3, #ARGV, 2 do
   local key, shard_id = ARGV[i], ARGV[i + 1]
-  local due = redis.call('PEXPIRETIME', key)
-  if due > 0 then
+  local due = expire_time(key)
+  if due and due > 0 then
     local shard = ARGV[2] .. shard_id
     local indexed = redis.call('ZSCORE', shard, key)
     if not indexed or tonumber(indexed) ~= due then

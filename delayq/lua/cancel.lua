@@ -14,7 +14,7 @@ for i = 1, (#KEYS - 3) / 2 do
     refresh_head(KEYS[1], shard, ARGV[i])
     removed = true
   end
-  local ttl_due = redis.call('PEXPIRETIME', key)
+  local ttl_due = expire_time(key) or -2
   if redis.call('DEL', key) == 1 then removed = true end
   -- Due but not yet claimed: deleting the key makes Redis emit 'expired'; the tombstone
   -- stops a listener from taking that event for a legacy timer.

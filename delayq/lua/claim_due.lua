@@ -39,8 +39,8 @@ for _, shard_id in ipairs(shards) do
   for i = 1, #due, 2 do
     local key, score = due[i], tonumber(due[i + 1])
     redis.call('ZREM', shard, key)
-    local ttl_due = redis.call('PEXPIRETIME', key)
-    if ttl_due > score then
+    local ttl_due = expire_time(key)
+    if ttl_due and ttl_due > score then
       -- Re-armed (SETEX, EXPIRE) by a producer that does not use delayq after this entry
       -- was made, and the listener has not yet seen its 'expire' event: the last
       -- schedule wins, as it does for schedule_expiry.
@@ -48,7 +48,7 @@ for _, shard_id in ipairs(shards) do
     else
       -- Touch the key so Redis expires it now (and emits its event now, while the
       -- firing is claimed), not minutes later when its own expiry cycle gets to it.
-      if ttl_due >= 0 then redis.call('DEL', key) end
+      if not ttl_due or ttl_due >= 0 then redis.call('DEL', key) end
       local id = add_claim(KEYS[2], KEYS[3], key, score, lease_until)
       if id then out[#out + 1] = id end
       room = room - 1

@@ -336,7 +336,7 @@ class Listener:
         are claimed, be recognised here without asking Redis."""
         k = self.keys
         waiting = {k.expire_channel: Events(), k.del_channel: Events(), k.expired_channel: Events()}
-        handlers: dict[str, tuple[float, Callable[[list[str]], None]]] = {
+        handlers: dict[str, tuple[float, Callable[[list[str]], object]]] = {
             k.expire_channel: (
                 ADOPT_AFTER_S,
                 lambda keys: self._each_allowed(self.store.adopt, keys),

@@ -33,6 +33,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: takes more than a few seconds (deselect with -m 'not slow')"
     )
+    config.addinivalue_line(
+        "markers", "long_profile: runs for an hour; only with -m long_profile (not in CI)"
+    )
 
 
 @pytest.fixture

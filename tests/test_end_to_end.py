@@ -60,7 +60,8 @@ def test_unpaid_order_is_cancelled_paid_and_disarmed_ones_are_untouched(
     create_orders(engine, ["SN-UNPAID", "SN-PAID", "SN-DISARMED"])
     listener.start()
     for sn in ("SN-UNPAID", "SN-PAID", "SN-DISARMED"):
-        done = run_cli("schedule", sn, "--in", "2s", env=env)
+        # Far enough ahead for the CLI calls below on a loaded machine (~1.5 s each).
+        done = run_cli("schedule", sn, "--in", "8s", env=env)
         assert done.returncode == 0, done.stderr
     set_status(engine, "SN-PAID", "paid")
     assert run_cli("cancel", "SN-PAID", env=env).returncode == 0

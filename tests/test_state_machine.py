@@ -23,7 +23,7 @@ before it was claimed, and that no firing of a delayq timer has a made-up due ti
 Time is a number in Redis that the test moves by hand: the scripts are loaded with a clock
 that reads it (Scripts.register(clock=...)), and nothing else in them changes.
 
-`pytest -m slow -k state_machine` runs the long profile.
+`pytest -m long_profile` runs the long profile (about an hour; not part of CI).
 """
 
 from __future__ import annotations
@@ -584,7 +584,8 @@ def test_timer_state_machine_matches_its_model(real: Real, request: pytest.Fixtu
     print(f"\nstate machine: {STEPS['steps'] - before} steps explored")
 
 
-@pytest.mark.slow
+@pytest.mark.long_profile
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("real", ["sqlite", "mariadb"], indirect=True)
 def test_timer_state_machine_matches_its_model_long_profile(real: Real) -> None:
     before = STEPS["steps"]

@@ -411,9 +411,9 @@ class Listener:
         """SCAN the timer DB for ever, adopting TTL keys whose `expire` event nobody heard:
         set while no listener ran, during a disconnect, or on a server that publishes no
         `expire` events (no `g` in notify-keyspace-events, a replica promoted without it).
-        The pass after start-up or a reconnect goes as fast as Redis answers (each step
-        holds it well under a millisecond, so claims still run between steps); the rest
-        at DELAYQ_SWEEP_KEYS_PER_S, so its cost to Redis stays bounded."""
+        The pass after start-up or a reconnect catches up at half speed (each step
+        holds Redis well under a millisecond, and the thread rests as long as a step
+        took); the rest at DELAYQ_SWEEP_KEYS_PER_S, so its cost to Redis stays bounded."""
         cursor, adopted = 0, 0
         step_s = SWEEP_COUNT / self.settings.sweep_keys_per_s
         pass_started, covered_until = time.monotonic(), float("-inf")
@@ -432,8 +432,13 @@ class Listener:
                     log.info("sweep adopted %d timers set by other producers", adopted)
                 adopted = 0
                 covered_until, pass_started = pass_started, time.monotonic()
+            took_s = time.monotonic() - started
             if self.sweep_requested <= covered_until:
-                self.stopping.wait(max(0.0, step_s - (time.monotonic() - started)))
+                self.stopping.wait(max(0.0, step_s - took_s))
+            else:
+                # Catching up: half of this thread's time, so the claimer and the
+                # appliers keep the GIL (and Redis) most of the time.
+                self.stopping.wait(took_s)
 
     # -- applier -------------------------------------------------------------------------
 

@@ -99,8 +99,8 @@ class Settings:
     #: producers write them (`SN1:1`): `1=cancel,2=complete`.
     flag_actions: str = ""
     #: Keys a second the sweeper SCANs for timers set while no listener heard their
-    #: `expire` event (as fast as Redis answers until a pass after start-up or a reconnect
-    #: is done).
+    #: `expire` event (faster, at half a thread's time, until a pass after start-up or a
+    #: reconnect is done).
     sweep_keys_per_s: int = 2_000
     #: Most timers applied in one database transaction.
     batch_size: int = 1000

@@ -56,6 +56,10 @@ class Delayq:
         return Scripts.register(self.redis)
 
     @cached_property
+    def store(self) -> TimerStore:
+        return TimerStore(self.redis, self.keys, self.scripts)
+
+    @cached_property
     def engine(self) -> Engine:
         return db.make_engine(self.settings)
 
@@ -107,7 +111,7 @@ class Delayq:
         """Everything known about one timer: due time, TTL, claim, dead letter, last outcome."""
         key = timer_key(order_sn, action)
         try:
-            t = TimerStore(self.redis, self.keys, self.scripts).timer_state(key)
+            t = self.store.timer_state(key)
         except redis.RedisError as exc:
             raise unreachable(self.redis_url, exc) from None
         if t.claims:
@@ -175,6 +179,6 @@ class Delayq:
         """Re-queue dead-lettered firings (of the timers or firings named; all when none
         are) to fire now."""
         try:
-            return TimerStore(self.redis, self.keys, self.scripts).requeue_dead(names)
+            return self.store.requeue_dead(names)
         except redis.RedisError as exc:
             raise unreachable(self.redis_url, exc) from None

@@ -69,6 +69,8 @@ ADOPT_AFTER_S = 0.02
 SETTLE_S = 0.1
 #: How long a thread may hold the GIL while another waits for it (Python's default: 5 ms).
 SWITCH_INTERVAL_S = 0.0005
+#: Refused timer keys remembered so that each is logged once.
+REFUSED_KEYS_KEPT = 10_000
 #: Keys the sweeper asks SCAN for per step: each step holds Redis well under a millisecond.
 SWEEP_COUNT = 200
 
@@ -148,10 +150,11 @@ class Listener:
         # sleeps (1, 2, 5, 10 ... ms): parallel appliers there only add lateness.
         self.appliers = 1 if engine.dialect.name == "sqlite" else settings.appliers
         self.claimed_here = RecentKeys()
-        #: Timer keys the Redis user may not touch, each reported once (bounded).
+        #: Timer keys the Redis user may not touch, each reported once (at most
+        #: REFUSED_KEYS_KEPT remembered; past that, refusals are no longer logged).
         self.refused_keys: set[str] = set()
         #: When events may last have been missed (start-up, a resubscription): the sweeper
-        #: goes at full speed until a pass that began after it is complete.
+        #: catches up until a pass that began after it is complete.
         self.sweep_requested = time.monotonic()
         self.crashed: str | None = None
 
@@ -395,7 +398,7 @@ class Listener:
             try:
                 done += call([key])
             except redis.exceptions.NoPermissionError as exc:
-                if key not in self.refused_keys:
+                if key not in self.refused_keys and len(self.refused_keys) < REFUSED_KEYS_KEPT:
                     self.refused_keys.add(key)
                     log.warning(
                         "Redis refused access to timer key %s (%s): add its action to the "
@@ -420,7 +423,8 @@ class Listener:
         while not self.stopping.is_set():
             started = time.monotonic()
             try:
-                cursor, n = self.store.sweep(cursor, SWEEP_COUNT, adopt=self._each_allowed)
+                cursor, found = self.store.scan_timers(cursor, SWEEP_COUNT)
+                n = self._each_allowed(self.store.adopt, found) if found else 0
             except redis.RedisError:
                 # The claimer reports the outage; start the pass again once Redis is back.
                 cursor, pass_started = 0, time.monotonic()

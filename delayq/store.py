@@ -23,7 +23,7 @@ propagate to the caller, which knows whether to retry, report or wait for a leas
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -139,32 +139,20 @@ class TimerStore:
 
     def adopt(self, timer_keys: Sequence[str]) -> int:
         """Index TTL keys that producers outside delayq set, at their expiry time."""
-        k = self.keys
-        args = [k.wake_channel, k.shard_prefix, *_with_shards(timer_keys)]
-        return int(self.scripts.adopt(keys=[k.heads], args=args))
+        keys, args = _adopt_call(self.keys, timer_keys)
+        return int(self.scripts.adopt(keys=keys, args=args))
 
     def forget(self, timer_keys: Sequence[str]) -> int:
         """Drop the pending schedules of keys deleted before their due time."""
-        k = self.keys
-        return int(
-            self.scripts.forget(keys=[k.heads], args=[k.shard_prefix, *_with_shards(timer_keys)])
-        )
+        keys, args = _forget_call(self.keys, timer_keys)
+        return int(self.scripts.forget(keys=keys, args=args))
 
-    def sweep(
-        self,
-        cursor: int,
-        count: int,
-        adopt: Callable[[Callable[[Sequence[str]], int], Sequence[str]], int] | None = None,
-    ) -> tuple[int, int]:
-        """One step of a SCAN over the timer DB that adopts TTL keys set while no listener
-        heard their 'expire' event: (next cursor, 0 when the pass is complete; adopted).
-        `adopt(self.adopt, keys)` wraps the adoption if given (to skip refused keys)."""
+    def scan_timers(self, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One step of a SCAN over the timer DB: (next cursor, 0 when the pass is complete;
+        the string keys found that may be timers). The sweep adopts them."""
         cursor, found = self.client.scan(cursor, count=count, _type="string")
         names = [str(key) for key in found]
-        timers = [key for key in names if ":" in key and not self.keys.is_own(key)]
-        if not timers:
-            return int(cursor), 0
-        return int(cursor), adopt(self.adopt, timers) if adopt else self.adopt(timers)
+        return int(cursor), [key for key in names if ":" in key and not self.keys.is_own(key)]
 
     # -- listeners: settling -------------------------------------------------------------
 
@@ -196,22 +184,18 @@ class TimerStore:
 
     def release(self, firing_ids: Sequence[str]) -> None:
         """Hand claimed firings back: claimable again at once, by any listener."""
-        self.scripts.release(keys=[self.keys.claims], args=list(firing_ids))
+        keys, args = _release_call(self.keys, firing_ids)
+        self.scripts.release(keys=keys, args=args)
 
     def requeue_dead(self, names: Iterable[str] = ()) -> int:
         """Re-queue dead letters to fire now: the firings named (firing ids, or timer keys
         for every dead firing of those timers), or all of them. In chunks, so a large
         re-queue never holds Redis long."""
         fields = self._dead_fields(list(names))
-        k = self.keys
         n = 0
         while chunk := list(islice(fields, REQUEUE_CHUNK)):
-            n += int(
-                self.scripts.retry_dead(
-                    keys=[k.claims, k.claims_per_key, k.dead, k.attempts],
-                    args=[k.wake_channel, *chunk],
-                )
-            )
+            keys, args = _retry_dead_call(self.keys, chunk)
+            n += int(self.scripts.retry_dead(keys=keys, args=args))
         return n
 
     def _dead_fields(self, names: list[str]) -> Iterator[str]:
@@ -271,13 +255,13 @@ class TimerStore:
             "cancel": _cancel_call(k, [probe_key]),
             "claim_due": _claim_due_call(k, 0, 1),
             "claim_expired": _claim_expired_call(k, [], 1),
-            "adopt": ([k.heads], [k.wake_channel, k.shard_prefix, *_with_shards([probe_key])]),
-            "forget": ([k.heads], [k.shard_prefix]),
+            "adopt": _adopt_call(k, [probe_key]),
+            "forget": _forget_call(k, []),
             # A window longer than the epoch: trims no tombstone.
             "ack": _ack_call(k, [], 10**15),
             "retry_later": _retry_later_call(k, [], 1, 1, 1, "-"),
-            "release": ([k.claims], []),
-            "retry_dead": ([k.claims, k.claims_per_key, k.dead, k.attempts], [k.wake_channel]),
+            "release": _release_call(k, []),
+            "retry_dead": _retry_dead_call(k, []),
         }
 
 
@@ -340,3 +324,19 @@ def _retry_later_call(
         error,
         *firing_ids,
     ]
+
+
+def _adopt_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
+    return [k.heads], [k.wake_channel, k.shard_prefix, *_with_shards(timer_keys)]
+
+
+def _forget_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
+    return [k.heads], [k.shard_prefix, *_with_shards(timer_keys)]
+
+
+def _release_call(k: Keys, firing_ids: Sequence[str]) -> tuple[list[str], list[Any]]:
+    return [k.claims], list(firing_ids)
+
+
+def _retry_dead_call(k: Keys, fields: Sequence[str]) -> tuple[list[str], list[Any]]:
+    return [k.claims, k.claims_per_key, k.dead, k.attempts], [k.wake_channel, *fields]

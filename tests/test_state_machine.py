@@ -348,7 +348,9 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
             """A full sweep pass adopts every TTL key set by other producers."""
             cursor = 0
             while True:
-                cursor, _ = self.store.sweep(cursor, 100)
+                cursor, found = self.store.scan_timers(cursor, 100)
+                if found:
+                    self.store.adopt(found)
                 if cursor == 0:
                     break
             m = self.model

@@ -50,10 +50,20 @@ def _global(
     ctx.obj = {"redis_url": redis_url, "database_url": database_url, "env_file": env_file}
 
 
-def _dq(ctx: typer.Context) -> Delayq:
+AppOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        help="Modules with @delayq.action handlers: shop.timers or path/timers.py, "
+        "comma-separated. [env: DELAYQ_APP]",
+    ),
+]
+
+
+def _dq(ctx: typer.Context, **overrides: str | None) -> Delayq:
     opts = dict(ctx.obj)
     env_file = opts.pop("env_file")
-    return Delayq(Settings.load(env_file=env_file, **opts))
+    return Delayq(Settings.load(env_file=env_file, **opts, **overrides))
 
 
 @app.command()
@@ -113,10 +123,11 @@ def listen(
     log_format: Annotated[
         str, typer.Option(help="plain, json, or auto (json when stderr is not a terminal).")
     ] = "auto",
+    app_: AppOpt = None,
 ) -> None:
     """Fire timers as they fall due, until SIGTERM or Ctrl-C."""
     setup_logging(log_level, log_format)
-    dq = _dq(ctx)
+    dq = _dq(ctx, app=app_)
     http = http or dq.settings.http
     address = parse_address(http) if http else None
     for line in dq.check(configure_redis=configure_redis):
@@ -147,13 +158,23 @@ def check(
     role: Annotated[
         str, typer.Option(help="listener (Redis and database) or producer (Redis only).")
     ] = "listener",
+    app_: AppOpt = None,
 ) -> None:
-    """Check Redis (reachable, permissions, keyspace notifications) and the database
-    (reachable, privileges, migrated)."""
+    """Check Redis (reachable, permissions, keyspace notifications), the database
+    (reachable, privileges, migrated) and the actions (modules import, tables exist)."""
     if role not in ("listener", "producer"):
         raise InvalidInput(f"invalid --role {role!r}: use listener or producer")
-    for line in _dq(ctx).check(configure_redis=configure_redis, role=role):
+    for line in _dq(ctx, app=app_).check(configure_redis=configure_redis, role=role):
         print(line if line.startswith("warning:") else f"ok: {line}")
+
+
+@app.command()
+def actions(ctx: typer.Context, app_: AppOpt = None) -> None:
+    """List the actions a listener would know: name, where it comes from, how it runs."""
+    from delayq.actions.registry import describe
+
+    for spec in _dq(ctx, app=app_).actions:
+        print(describe(spec))
 
 
 @app.command()

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from delayq import db, migrate
-from delayq.actions import utcnow
+from delayq.actions import Actions, load_actions, utcnow
+from delayq.actions.registry import check_actions
 from delayq.figures import redis_figures
 from delayq.keys import Keys, timer_key
 from delayq.listener import Listener
@@ -64,12 +65,17 @@ class Delayq:
         return db.make_engine(self.settings)
 
     @cached_property
+    def actions(self) -> Actions:
+        """The actions a listener with these settings knows (imports DELAYQ_APP)."""
+        return load_actions(self.settings)
+
+    @cached_property
     def producer(self) -> Producer:
         return Producer(self.redis, self.keys)
 
     def listener(self) -> Listener:
         resolved = dataclasses.replace(self.settings, redis_url=self.redis_url)
-        return Listener(resolved, self.redis, self.engine, self.keys)
+        return Listener(resolved, self.redis, self.engine, self.keys, self.actions)
 
     def migrate(self) -> tuple[str | None, str]:
         try:
@@ -90,6 +96,7 @@ class Delayq:
         lines.append(check_persistence(self.redis))
         try:
             lines += check_database(self.engine, self.settings)
+            lines += check_actions(self.actions, self.engine)
         except sa.exc.OperationalError as exc:
             raise db.unreachable(self.settings, exc) from None
         return lines
@@ -126,7 +133,7 @@ class Delayq:
             state = "none"
         o = db.outcomes
         query = (
-            sa.select(o.c.due_at, o.c.fired_at, o.c.outcome)
+            sa.select(o.c.due_at, o.c.fired_at, o.c.outcome, o.c.detail)
             .where(o.c.order_sn == order_sn, o.c.action == action)
             .order_by(o.c.fired_at.desc())
             .limit(1)
@@ -158,6 +165,7 @@ class Delayq:
                 "due_at": last.due_at.isoformat() + "Z",
                 "fired_at": last.fired_at.isoformat() + "Z",
                 "outcome": last.outcome,
+                "detail": last.detail,
             },
         }
 

@@ -41,7 +41,21 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from delayq.actions import APPLIED, UNMAPPED_FLAG, Applier, Outcome
+from delayq.actions import (
+    APPLIED,
+    FAILED,
+    UNKNOWN_ACTION,
+    UNMAPPED_FLAG,
+    Actions,
+    ActionSpec,
+    Applier,
+    Done,
+    Outcome,
+    Policy,
+    load_actions,
+)
+from delayq.actions.apply import Item
+from delayq.actions.external import ExternalRunner
 from delayq.errors import DelayqError
 from delayq.keys import Keys
 from delayq.liveness import Liveness
@@ -71,6 +85,8 @@ SETTLE_S = 0.1
 SWITCH_INTERVAL_S = 0.0005
 #: Refused timer keys remembered so that each is logged once.
 REFUSED_KEYS_KEPT = 10_000
+#: Outcomes named by handlers that get a metric label of their own (the rest: "other").
+MAX_OUTCOME_LABELS = 100
 #: Keys the sweeper asks SCAN for per step: each step holds Redis well under a millisecond.
 SWEEP_COUNT = 200
 
@@ -120,12 +136,20 @@ class Outage:
 class Listener:
     """Runs until `stop()`; see the module docstring."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, engine: Engine, keys: Keys) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        engine: Engine,
+        keys: Keys,
+        actions: Actions | None = None,
+    ) -> None:
         self.settings = settings
         self.client = client
         self.keys = keys
         self.store = TimerStore(client, keys)
-        self.applier = Applier(engine, settings)
+        self.actions = actions if actions is not None else load_actions(settings)
+        self.applier = Applier(engine, settings, self.actions)
         # Breaks a batch stuck on a dead database link; probes Redis and the database in
         # the background, so that health answers at once.
         self.liveness = Liveness(settings, client, engine)
@@ -133,10 +157,21 @@ class Listener:
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.wake = threading.Event()
-        self.queue: queue.Queue[Firing] = queue.Queue()
+        self.queue: queue.Queue[Item] = queue.Queue()
+        self.externals = ExternalRunner(
+            self.actions,
+            lambda key: self.applier.parse_key(key),
+            lambda firings: self.applier.recorded(firings),
+            self.queue.put,
+            self._external_failed,
+            self.stopping,
+        )
         # Claim no more than the applier can finish well within a lease.
         self.max_backlog = settings.batch_size * 4
         self.metrics = Metrics()
+        self.metrics.allow(
+            actions=[spec.name for spec in self.actions], outcomes=[FAILED, "skipped"]
+        )
         self.notifier = Notifier()
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.subscribed = threading.Event()
@@ -193,14 +228,18 @@ class Listener:
         ]
         for t in [*feeders, *appliers]:
             t.start()
+        self.externals.start(self._guarded)
         while not self.stopping.wait(0.5):
             pass
         self.notifier.stopping()
+        # External calls under way finish (each within its timeout) and are recorded.
+        self.externals.join()
         for t in [*feeders, *appliers]:
             t.join()
         self.liveness.stop()
         # Claimed while the appliers were finishing: give it back too.
         self._release_queued()
+        self._give_back(self.externals.drain())
         with contextlib.suppress(redis.RedisError):
             self.client.zrem(self.keys.listeners, self.id)
         if self.crashed is not None:
@@ -225,12 +264,16 @@ class Listener:
 
     def _claim_loop(self) -> None:
         backoff = Backoff(self.settings.reconnect_backoff_max_s)
-        last_beat = 0.0
+        last_beat = last_renewal = 0.0
+        renew_every_s = self.settings.lease_s / 3
         while not self.stopping.is_set():
             # This loop turns at least once a second: it is the listener's pulse.
             self.notifier.watchdog()
             if time.monotonic() - last_beat >= HEARTBEAT_S and self._heartbeat():
                 last_beat = time.monotonic()
+            if self.externals and time.monotonic() - last_renewal >= renew_every_s:
+                last_renewal = time.monotonic()
+                self._renew_external()
             if self.queue.qsize() >= self.max_backlog:
                 self.wake.wait(0.05)
                 self.wake.clear()
@@ -244,13 +287,27 @@ class Listener:
                 continue
             self.redis_outage.ok()
             backoff.reset()
-            for firing in claim.firings:
-                self.queue.put(firing)
+            self._hand_out(claim.firings)
             if len(claim.firings) >= self.settings.batch_size:
                 continue
             next_ms = claim.next_ms
             wait_s = IDLE_CHECK_S if next_ms < 0 else (next_ms - claim.now_ms) / 1000
             self.wake.wait(min(IDLE_CHECK_S, max(wait_s, 0.0)))
+
+    def _hand_out(self, firings: Iterable[Firing]) -> None:
+        """Queue firings for the appliers, or for the workers of their external action."""
+        for firing in firings:
+            action = self.applier.parse_key(firing.key)[1]
+            if self.externals.takes(action):
+                self.externals.submit(firing, action)
+            else:
+                self.queue.put(firing)
+
+    def _renew_external(self) -> None:
+        """Keep the leases of firings waiting for, or in, an external call."""
+        # On a Redis error the claim reports the outage; a lease is long enough to wait.
+        with contextlib.suppress(redis.RedisError):
+            self.externals.with_held(lambda ids: self.store.renew(ids, self.lease_ms))
 
     def _heartbeat(self) -> bool:
         try:
@@ -382,8 +439,7 @@ class Listener:
 
     def claim_expired(self, expired_keys: Sequence[str]) -> None:
         """Claim the timers named by 'expired' events that nobody is firing yet."""
-        for firing in self.store.claim_expired(expired_keys, self.lease_ms):
-            self.queue.put(firing)
+        self._hand_out(self.store.claim_expired(expired_keys, self.lease_ms))
 
     def _each_allowed(self, call: Callable[[Sequence[str]], int], keys: Sequence[str]) -> int:
         """`call(keys)`; if the Redis user may not touch one of the keys (an ACL that
@@ -465,8 +521,16 @@ class Listener:
                 self._release_queued()
                 return
 
-    def apply_batch(self, batch: Sequence[Firing]) -> None:
+    def apply_batch(self, batch: Sequence[Item]) -> None:
         """Apply one micro-batch and acknowledge it, or send it back for a retry."""
+        external = [f for f in batch if isinstance(f, Firing) and self._external(f)]
+        if external:
+            # Claimed before this listener knew better (a test's direct hand-off): they
+            # belong to their action's workers.
+            self._hand_out(external)
+            batch = [i for i in batch if not (isinstance(i, Firing) and self._external(i))]
+            if not batch:
+                return
         started = time.monotonic()
         try:
             # A batch whose connection stops answering has it broken by the watch.
@@ -483,20 +547,71 @@ class Listener:
         except sa.exc.SQLAlchemyError as exc:
             if len(batch) > 1 and not _is_transient(exc):
                 # One bad firing must not hold back the rest: isolate it.
-                for firing in batch:
-                    self.apply_batch([firing])
+                for item in batch:
+                    self.apply_batch([item])
                 return
             self.db_outage.failed(exc)
-            self._retry_later(batch, exc)
+            self._retry_later([_firing_of(i) for i in batch], exc)
             return
         self.db_outage.ok()
         took_s = time.monotonic() - started
         self.metrics.batch.observe(took_s)
         self.metrics.batch_size.observe(len(batch))
-        self._ack(outcomes)
+        settled = [o for o in outcomes if not o.failed]
+        self._ack(settled)
+        for spec, failed in self._by_action([o for o in outcomes if o.failed]):
+            self._handler_failed(failed, spec)
         self._log_batch(outcomes, took_s)
 
+    def _external(self, firing: Firing) -> bool:
+        return self.externals.takes(self.applier.parse_key(firing.key)[1])
+
+    def _by_action(self, failed: list[Outcome]) -> list[tuple[ActionSpec | None, list[Outcome]]]:
+        groups: dict[str, list[Outcome]] = {}
+        for o in failed:
+            groups.setdefault(o.action, []).append(o)
+        return [(self.actions.get(a), g) for a, g in sorted(groups.items())]
+
+    def _external_failed(self, outcome: Outcome, spec: ActionSpec) -> None:
+        """An external call raised: retry it later, or dead-letter it."""
+        self.metrics.observe_firing(outcome.action, FAILED, None)
+        self._handler_failed([outcome], spec)
+
+    def _handler_failed(self, failed: Sequence[Outcome], spec: ActionSpec | None) -> None:
+        """Firings whose handler raised: each is tried again after the action's backoff, or
+        dead-lettered after its attempts (at once for delayq.GiveUp)."""
+        for o in failed:
+            assert o.error is not None
+            attempts = (
+                spec.policy.max_attempts if spec and spec.policy else self.settings.max_attempts
+            )
+            final = o.permanent or o.firing.attempt >= attempts
+            log.log(
+                logging.ERROR if final else logging.WARNING,
+                "action %s failed for %s (attempt %d of %d%s): %s",
+                o.action,
+                o.firing.id,
+                o.firing.attempt,
+                attempts,
+                ", not retried" if o.permanent else "",
+                o.detail or _one_line(o.error),
+            )
+        permanent = [o for o in failed if o.permanent]
+        retryable = [o for o in failed if not o.permanent]
+        policy = spec.policy if spec is not None else None
+        for group, max_attempts in ((permanent, 1), (retryable, None)):
+            if group:
+                self._retry_later(
+                    [o.firing for o in group],
+                    group[-1].error or RuntimeError(FAILED),
+                    policy=policy,
+                    max_attempts=max_attempts,
+                    error=group[-1].detail,
+                )
+
     def _ack(self, outcomes: Sequence[Outcome]) -> None:
+        if not outcomes:
+            return
         try:
             self.store.ack([o.firing.id for o in outcomes], RECENT_WINDOW_MS)
         except redis.RedisError as exc:
@@ -504,15 +619,28 @@ class Listener:
             # again and are recognised as already recorded.
             self.redis_outage.failed(exc)
 
-    def _retry_later(self, batch: Sequence[Firing], exc: BaseException) -> None:
+    def _retry_later(
+        self,
+        batch: Sequence[Firing],
+        exc: BaseException,
+        *,
+        policy: Policy | None = None,
+        max_attempts: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Count a failed attempt of each firing: retried after a backoff (the action's
+        policy, else the global settings), or dead-lettered after its last attempt."""
         s = self.settings
+        attempts = max_attempts or (policy.max_attempts if policy else s.max_attempts)
+        backoff_s = policy.backoff_s if policy else s.retry_backoff_s
+        backoff_max_s = policy.backoff_max_s if policy else s.retry_backoff_max_s
         try:
             dead = self.store.retry_later(
                 [f.id for f in batch],
-                max_attempts=s.max_attempts,
-                backoff_ms=int(s.retry_backoff_s * 1000),
-                backoff_max_ms=int(s.retry_backoff_max_s * 1000),
-                error=_one_line(exc)[:300],
+                max_attempts=attempts,
+                backoff_ms=int(backoff_s * 1000),
+                backoff_max_ms=int(backoff_max_s * 1000),
+                error=(error or _one_line(exc))[:300],
             )
         except redis.RedisError as redis_exc:
             # Leases will run out and the firings be claimed again: nothing is lost.
@@ -521,28 +649,33 @@ class Listener:
         if dead:
             self.metrics.dead_lettered.inc(dead)
             log.error(
-                "dead-lettered %d timers after %d attempts: %s",
+                "dead-lettered %d timers after %s: %s",
                 dead,
-                s.max_attempts,
-                _one_line(exc),
+                "a failure not worth retrying"
+                if attempts == 1 and max_attempts
+                else f"{attempts} attempts",
+                error or _one_line(exc),
             )
 
     def _release_queued(self) -> None:
-        keys: list[str] = []
+        ids: list[str] = []
         while True:
             try:
-                keys.append(self.queue.get_nowait().id)
+                ids.append(_firing_of(self.queue.get_nowait()).id)
             except queue.Empty:
                 break
-        if keys:
+        self._give_back(ids)
+
+    def _give_back(self, ids: list[str]) -> None:
+        if ids:
             try:
-                self.store.release(keys)
-                log.info("gave back %d claimed timers", len(keys))
+                self.store.release(ids)
+                log.info("gave back %d claimed timers", len(ids))
             except redis.RedisError as exc:
                 log.warning(
                     "could not give back %d claimed timers (%s): they are claimable "
                     "again when their lease runs out",
-                    len(keys),
+                    len(ids),
                     _one_line(exc),
                 )
 
@@ -550,6 +683,13 @@ class Listener:
         counts = Counter((o.action, o.outcome) for o in outcomes)
         late = [o.lateness_ms for o in outcomes if o.outcome == APPLIED]
         for o in outcomes:
+            # Outcomes a handler names: counted under their own label, up to a bound.
+            if (
+                o.outcome not in self.metrics.outcomes
+                and o.action in self.actions
+                and len(self.metrics.outcomes) < MAX_OUTCOME_LABELS
+            ):
+                self.metrics.allow(outcomes=[o.outcome])
             applied = o.outcome == APPLIED
             self.metrics.observe_firing(o.action, o.outcome, o.lateness_ms if applied else None)
         summary = ", ".join(f"{a} {o} {n}" for (a, o), n in sorted(counts.items()))
@@ -557,6 +697,14 @@ class Listener:
         level = logging.INFO
         if any(o.outcome in ("unknown_action", "malformed_key") for o in outcomes):
             level = logging.WARNING
+        unknown = sorted({o.action for o in outcomes if o.outcome == UNKNOWN_ACTION})
+        if unknown:
+            log.warning(
+                "no handler or webhook here for actions %s: their firings are recorded as "
+                "unknown_action (load their module with DELAYQ_APP, or set "
+                "DELAYQ_WEBHOOK_<ACTION>)",
+                ", ".join(unknown),
+            )
         unmapped = sorted({o.action for o in outcomes if o.outcome == UNMAPPED_FLAG})
         if unmapped:
             log.warning(
@@ -612,6 +760,10 @@ class RecentKeys:
 
     def __contains__(self, key: object) -> bool:
         return key in self._since
+
+
+def _firing_of(item: Item) -> Firing:
+    return item.firing if isinstance(item, Done) else item
 
 
 def _is_transient(exc: sa.exc.SQLAlchemyError) -> bool:

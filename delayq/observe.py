@@ -42,12 +42,16 @@ from prometheus_client.registry import Collector
 from delayq.actions import (
     ALREADY_RECORDED,
     APPLIED,
+    FAILED,
     MALFORMED_KEY,
     NOT_FOUND,
+    SKIPPED,
     UNKNOWN_ACTION,
     UNMAPPED_FLAG,
-    actions_from,
+    Actions,
+    load_actions,
 )
+from delayq.actions.builtin import StatusChange
 from delayq.errors import InvalidInput
 from delayq.figures import redis_figures
 from delayq.settings import Settings
@@ -87,13 +91,17 @@ OTHER = "other"
 ERROR_LOG_INTERVAL_S = 60.0
 
 
-def known_labels(settings: Settings) -> tuple[set[str], set[str]]:
-    """The actions and outcomes the applier can report with `settings`: the label values
-    of delayq_timers_fired. Timer keys are written by anyone, so their action names
-    are not: outside these sets they are counted as "other"."""
-    actions = actions_from(settings)
+def known_labels(actions: Actions) -> tuple[set[str], set[str]]:
+    """The actions a listener knows and the outcomes it can report for certain: the label
+    values of delayq_timers_fired. Timer keys are written by anyone, so their action names
+    are not: outside these sets they are counted as "other" (outcome unknown_action says
+    which timers name an action nobody here knows)."""
     outcomes = {APPLIED, NOT_FOUND, UNKNOWN_ACTION, UNMAPPED_FLAG, MALFORMED_KEY, ALREADY_RECORDED}
-    return set(actions), outcomes | {a.skipped for a in actions.values()}
+    outcomes |= {SKIPPED, FAILED}
+    for spec in actions:
+        if isinstance(spec.handler, StatusChange):
+            outcomes |= spec.handler.outcomes
+    return {spec.name for spec in actions}, outcomes
 
 
 class Metrics:
@@ -105,7 +113,7 @@ class Metrics:
     def __init__(
         self, actions: Iterable[str] | None = None, outcomes: Iterable[str] | None = None
     ) -> None:
-        default_actions, default_outcomes = known_labels(Settings())
+        default_actions, default_outcomes = known_labels(load_actions(Settings(), app=""))
         self.actions = set(default_actions if actions is None else actions)
         self.outcomes = set(default_outcomes if outcomes is None else outcomes)
         self.registry = CollectorRegistry()
@@ -241,7 +249,7 @@ class _Server6(_Server):
 
 def serve(listener: Listener, address: tuple[str, int], token: str | None) -> ThreadingHTTPServer:
     """Start the HTTP server on a daemon thread; the caller shuts it down."""
-    actions, outcomes = known_labels(listener.settings)
+    actions, outcomes = known_labels(listener.actions)
     listener.metrics.allow(actions=actions, outcomes=outcomes)
     listener.metrics.registry.register(RedisFigures(listener.client, listener))
     handler = type("Handler", (_Handler,), {"listener": listener, "token": token})

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Engine
 
 from delayq import db
 from delayq.actions import Applier, utcnow
+from delayq.actions.builtin import StatusChange, builtin_actions
 from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
 from delayq.keys import Keys
 from delayq.redis_conn import Scripts, client_url, unreachable
@@ -157,6 +158,7 @@ _ROLE_SCRIPTS = {
         "ack",
         "retry_later",
         "release",
+        "renew",
         "retry_dead",
     ),
 }
@@ -293,9 +295,14 @@ class _Statement:
 
 
 def _statements(engine: Engine, settings: Settings) -> list[_Statement]:
-    """What the listener runs, built by the applier itself; orders statements match no row
-    (an empty IN list renders as an impossible condition)."""
+    """What the listener runs, built by the applier and the built-in actions themselves;
+    orders statements match no row (an empty IN list renders as an impossible condition)."""
     applier = Applier(engine, settings)
+    builtins = {
+        spec.name: spec.handler
+        for spec in builtin_actions(settings)
+        if isinstance(spec.handler, StatusChange)
+    }
     orders = settings.orders_table
     version: sa.Select[Any] = sa.select(sa.column("version_num")).select_from(
         sa.table(db.VERSION_TABLE)
@@ -311,6 +318,7 @@ def _statements(engine: Engine, settings: Settings) -> list[_Statement]:
         "outcome": "permission_probe",
         "detail": None,
     }
+    lock = next(iter(builtins.values())).select_locked
     return [
         _Statement(
             "SELECT", db.VERSION_TABLE, "read the schema version", lambda c: c.execute(version)
@@ -319,16 +327,16 @@ def _statements(engine: Engine, settings: Settings) -> list[_Statement]:
             "SELECT",
             orders,
             "lock orders (SELECT ... FOR UPDATE)",
-            lambda c: c.execute(applier.select_locked, no_orders).all(),
+            lambda c: c.execute(lock, no_orders).all(),
         ),
         *(
             _Statement(
                 "UPDATE",
                 orders,
                 f"update orders (action {name})",
-                _executes(stmt, {**no_orders, "fired_at_": now}),
+                _executes(change.update, {**no_orders, "fired_at_": now}),
             )
-            for name, stmt in applier.updates.items()
+            for name, change in builtins.items()
         ),
         _Statement(
             "SELECT",

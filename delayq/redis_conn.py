@@ -24,6 +24,7 @@ SCRIPT_NAMES = (
     "retry_later",
     "retry_dead",
     "release",
+    "renew",
     "heartbeat",
 )
 
@@ -107,6 +108,7 @@ class Scripts:
     retry_later: Script
     retry_dead: Script
     release: Script
+    renew: Script
     heartbeat: Script
 
     @classmethod

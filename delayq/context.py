@@ -89,7 +89,9 @@ class Delayq:
         nor the database."""
         lines = [f"Redis at {mask_url(self.redis_url)} answers"]
         lines.append(f"server: {server_identity(self.redis)}")
-        lines += check_redis(self.redis, self.keys, self.scripts, role=role)
+        # Timer keys end in an action name, or in a flag older producers write.
+        suffixes = [spec.name for spec in self.actions] + list(self.settings.flag_action_map)
+        lines += check_redis(self.redis, self.keys, self.scripts, role=role, key_suffixes=suffixes)
         if role == "producer":
             return lines
         lines.append(check_notifications(self.redis, self.redis_url, configure=configure_redis))

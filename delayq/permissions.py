@@ -171,9 +171,17 @@ def _script_calls(keys: Keys, role: str) -> dict[str, tuple[list[str], list[Any]
     return {name: calls[name] for name in _ROLE_SCRIPTS[role]}
 
 
-def check_redis(client: redis.Redis, keys: Keys, scripts: Scripts, *, role: str) -> list[str]:
+def check_redis(
+    client: redis.Redis,
+    keys: Keys,
+    scripts: Scripts,
+    *,
+    role: str,
+    key_suffixes: Sequence[str] = (),
+) -> list[str]:
     """Lines saying what this Redis user may do; raises NotReady naming the first command,
-    key or channel the `role` ('producer' or 'listener') needs and is refused. Changes
+    key or channel the `role` ('producer' or 'listener') needs and is refused, or the key
+    pattern a timer of one of `key_suffixes` (the actions and flags in use) needs. Changes
     nothing in Redis and fires no timer (see the module docstring)."""
     if role not in ROLES:
         raise InvalidInput(f"unknown role {role!r}: use 'producer' or 'listener'")
@@ -190,6 +198,7 @@ def check_redis(client: redis.Redis, keys: Keys, scripts: Scripts, *, role: str)
     ]
     for command in commands:
         _run(client, user, command)
+    _check_timer_keys(client, user, role, [s for s in key_suffixes if s != "cancel"])
     for name, (script_keys, args) in calls.items():
         _run_script(client, user, name, cast(Script, getattr(scripts, name)), script_keys, args)
     subscriptions = 0
@@ -199,6 +208,26 @@ def check_redis(client: redis.Redis, keys: Keys, scripts: Scripts, *, role: str)
     if subscriptions:
         what += f" and {subscriptions} subscriptions"
     return [f"Redis user {user!r} has every permission a {role} needs ({what} probed)"]
+
+
+def _check_timer_keys(client: redis.Redis, user: str, role: str, suffixes: Sequence[str]) -> None:
+    """Timer keys `ORDER_SN:<suffix>` must match one of the user's key patterns: the
+    shipped rules list `~*:cancel ~*:complete`, and each further action (or flag) needs
+    its own `~*:<action>`, for the producer (it writes the TTL key) and the listener (it
+    deletes it when it fires). The probe: a command that changes nothing on such a key."""
+    for suffix in suffixes:
+        key = f"{PROBE_ORDER_SN}:{suffix}"
+        args = ("SET", key, "1", "XX", "KEEPTTL") if role == "producer" else ("PTTL", key)
+        try:
+            client.execute_command(*args)  # type: ignore[no-untyped-call]
+        except NoPermissionError:
+            raise NotReady(
+                f"Redis user {user!r} may not touch timer keys of {suffix!r}: add the key "
+                f"pattern ~*:{suffix} to its rules ({REDIS_RULES}, or ACL SETUSER {user} "
+                f"~*:{suffix})"
+            ) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise _redis_unreachable(client, exc) from None
 
 
 def _run(client: redis.Redis, user: str, command: _Command) -> None:

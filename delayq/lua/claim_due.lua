@@ -39,7 +39,9 @@ for _, shard_id in ipairs(shards) do
   for i = 1, #due, 2 do
     local key, score = due[i], tonumber(due[i + 1])
     redis.call('ZREM', shard, key)
-    local ttl_due = expire_time(key)
+    local touch = may_touch(key)
+    local ttl_due = nil
+    if touch then ttl_due = expire_time(key) end
     if ttl_due and ttl_due > score then
       -- Re-armed (SETEX, EXPIRE) by a producer that does not use delayq after this entry
       -- was made, and the listener has not yet seen its 'expire' event: the last
@@ -48,7 +50,7 @@ for _, shard_id in ipairs(shards) do
     else
       -- Touch the key so Redis expires it now (and emits its event now, while the
       -- firing is claimed), not minutes later when its own expiry cycle gets to it.
-      if not ttl_due or ttl_due >= 0 then redis.call('DEL', key) end
+      if touch and (not ttl_due or ttl_due >= 0) then redis.call('DEL', key) end
       local id = add_claim(KEYS[2], KEYS[3], key, score, lease_until)
       if id then out[#out + 1] = id end
       room = room - 1

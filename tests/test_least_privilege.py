@@ -773,3 +773,65 @@ def test_a_postgres_role_missing_a_privilege_fails_the_check_naming_it(
         _check_database(url)
 
     assert f"database user '{sa.make_url(url).username}' {expected}" in str(failed.value)
+
+
+RELEASE_STOCK_APP = """
+import delayq
+
+
+@delayq.action("release_stock")
+def release_stock(ctx):
+    return "released"
+"""
+
+
+def test_a_new_action_needs_one_acl_pattern_that_delayq_check_names_and_meanwhile_stalls_nothing(
+    acl_redis: RedisServer,
+    sqlite_url: str,
+    tmp_path: Path,
+    listeners: Callable[[dict[str, str]], ListenerProcess],
+) -> None:
+    admin = acl_redis.client()
+    home = str(tmp_path / "home")
+    migrate_cli(clean_env(DATABASE_URL=sqlite_url, HOME=home))
+    engine = engine_for(sqlite_url)
+    create_orders(engine, ["SN1", "SN2", "SN9"])
+    app = tmp_path / "shop_timers.py"
+    app.write_text(RELEASE_STOCK_APP)
+    as_listener = clean_env(
+        REDIS_URL=user_url(acl_redis, "delayq-listener"), DATABASE_URL=sqlite_url, HOME=home
+    )
+    as_producer = clean_env(REDIS_URL=user_url(acl_redis, "delayq-producer"), HOME=home)
+
+    # The shipped rules cover cancel and complete only: the check names the one rule to add.
+    for env, user in ((as_listener, "delayq-listener"), (as_producer, "delayq-producer")):
+        role = "listener" if env is as_listener else "producer"
+        refused = run_cli("check", "--role", role, "--app", str(app), env=env)
+        assert refused.returncode == NOT_READY, refused.stdout
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+        assert f"ACL SETUSER {user} ~*:release_stock" in refused.stderr, refused.stderr
+
+    # Meanwhile a timer of that action, scheduled by someone allowed to, stalls no other
+    # timer of a listener whose ACL refuses its key: both fire.
+    producer = Producer(admin, Keys())
+    producer.schedule("SN9", 0, action="release_stock")
+    producer.schedule("SN2", 0)
+    listener = listeners(as_listener)
+    wait_for(lambda: len(outcome_rows(engine)) == 2, 30, interval_s=0.05, what="two outcomes")
+    assert listener.stop() == 0, listener.text()
+    outcomes = {r.order_sn: r.outcome for r in outcome_rows(engine)}
+    assert outcomes == {"SN2": "applied", "SN9": "unknown_action"}
+
+    # The one line, for each user; then the action fires end to end.
+    for user in ("delayq-listener", "delayq-producer"):
+        admin.execute_command("ACL", "SETUSER", user, "~*:release_stock")
+    assert run_cli("check", "--app", str(app), env=as_listener).returncode == 0
+    assert run_cli("check", "--role", "producer", env=as_producer).returncode == 0
+    listeners({**as_listener, "DELAYQ_APP": str(app)})
+    scheduled = run_cli(
+        "schedule", "SN1", "--in", "0", "--action", "release_stock", env=as_producer
+    )
+    assert scheduled.returncode == 0, scheduled.stderr
+    wait_for(lambda: len(outcome_rows(engine)) == 3, 30, interval_s=0.05, what="SN1 fired")
+    assert {r.order_sn: r.outcome for r in outcome_rows(engine)}["SN1"] == "released"
+    engine.dispose()

@@ -658,13 +658,18 @@ class Listener:
             )
 
     def _release_queued(self) -> None:
-        ids: list[str] = []
+        """On stop: record the external calls that have finished (else they would be made
+        again), give back the firings not yet applied."""
+        items: list[Item] = []
         while True:
             try:
-                ids.append(_firing_of(self.queue.get_nowait()).id)
+                items.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        self._give_back(ids)
+        done = [i for i in items if isinstance(i, Done)]
+        if done:
+            self.apply_batch(done)
+        self._give_back([i.id for i in items if isinstance(i, Firing)])
 
     def _give_back(self, ids: list[str]) -> None:
         if ids:

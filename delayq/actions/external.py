@@ -97,6 +97,8 @@ class ExternalRunner:
 
     def submit(self, firing: Firing, action: str) -> None:
         with self.lock:
+            if firing.id in self._held:
+                return  # queued or being called here already (claimed again meanwhile)
             self._held.add(firing.id)
         self.queues[action].put(firing)
 

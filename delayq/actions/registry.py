@@ -183,7 +183,9 @@ def load_actions(settings: Settings, *, app: str | None = None) -> Actions:
     from delayq.actions.webhook import webhook_action
 
     specs: dict[str, ActionSpec] = {s.name: s for s in builtin_actions(settings)}
-    modules = [m.strip() for m in app.split(",")] if app else settings.app_modules
+    # app=None: DELAYQ_APP; app="": no module at all.
+    modules = settings.app_modules if app is None else [m.strip() for m in app.split(",")]
+    modules = [m for m in modules if m]
     for module in modules:
         import_app(module)
     for name, spec in sorted(_registered.items()):

@@ -384,6 +384,9 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
             assert sorted(f.id for f in claim.firings if f.reclaimed) == stale
             assert sorted(f.id for f in claim.firings if not f.reclaimed) == sorted(fresh)
             for firing in claim.firings:
+                # The attempt a handler is told: 1, plus the failures Redis has counted.
+                assert firing.attempt == 1 + m.attempts.get(firing.id, 0)
+            for firing in claim.firings:
                 assert firing.due_ms <= m.now, f"{firing.id} claimed before its due time"
                 self.listeners[who].queue.put(firing)
 
@@ -440,6 +443,19 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
             for fid in held:
                 if fid in self.model.claims:
                     self.model.claims[fid] = self.model.now
+
+        @precondition(lambda self: self._holding())
+        @rule(data=st.data())
+        def renew_leases(self, data: st.DataObject) -> None:
+            """A listener keeps the leases of what it holds (an external call queued or
+            under way): only firings still claimed are touched."""
+            m = self.model
+            who = data.draw(st.sampled_from(self._holding()))
+            held = sorted({f.id for f in self._memory(who)})
+            self.listeners[who].store.renew(held, LEASE_MS)
+            for fid in held:
+                if fid in m.claims:
+                    m.claims[fid] = m.now + LEASE_MS
 
         @rule(who=st.integers(0, 1))
         def crash(self, who: int) -> None:

@@ -12,6 +12,9 @@ from delayq.errors import InvalidInput
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("auto", "plain", "json")
+#: Libraries that log a request's full URL, password and token included (httpx: each
+#: webhook call at INFO): kept to warnings. delayq reports failed calls itself, URL masked.
+QUIETED = ("httpx", "httpcore")
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,3 +46,5 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIETED:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -8,6 +8,8 @@ schedules the measured timers (`--rate` per second for `--duration` seconds, or 
 the lateness of every firing from the outcomes the listener committed (fired_at - due_at).
 `--naive` runs the same workload again with keyspace events alone (TTL keys, one
 subscriber, one transaction per event), so the difference is measured in one run.
+`--action` chooses what the timers do (`delayq.bench_actions`): the built-in cancel, a
+Python handler doing one UPDATE, or a webhook to a local server.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from delayq import migrate
 from delayq.actions import Applier
+from delayq.bench_actions import SCENARIOS, Scenario, terminate
 from delayq.db import make_engine, outcomes
 from delayq.embedded import redis_server_binary
 from delayq.errors import InvalidInput, ServiceUnavailable
@@ -61,6 +64,8 @@ class BenchConfig:
     #: with PXAT): the listener adopts them from their 'expire' events.
     legacy: bool = False
     drain_timeout_s: float = 120.0
+    #: What the timers do: a name of `delayq.bench_actions.SCENARIOS`.
+    action: str = "cancel"
     #: Listener settings under test (None: the defaults).
     batch_size: int | None = None
     appliers: int | None = None
@@ -74,11 +79,16 @@ class BenchConfig:
             raise InvalidInput("--pending and --burst must be >= 0, --rate and --duration > 0")
         if self.measured < 1:
             raise InvalidInput("the run would fire no timer: raise --rate or --duration")
+        if self.action not in SCENARIOS:
+            raise InvalidInput(f"--action {self.action}: choose one of {', '.join(SCENARIOS)}")
+        if self.naive and self.action != "cancel":
+            raise InvalidInput("--naive runs the built-in cancel only: drop --action or --naive")
 
 
 @dataclass
 class RunResult:
     mode: str
+    action: str
     scheduled: int
     fired: int
     lost: int
@@ -92,6 +102,9 @@ class RunResult:
     redis_peak_mb: float
     redis_version: str
     listener_cpu_pct: float
+    #: The action's work, counted where it is done (orders cancelled, stock rows updated,
+    #: requests received): equal to `fired` when each timer's work was done once.
+    effects: int
     samples: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
 
@@ -152,17 +165,7 @@ def scratch_redis(url: str | None) -> Iterator[str]:
             _wait(lambda: _pings(url), 15, f"the bench's redis-server on port {port}")
             yield url
         finally:
-            _terminate(proc, timeout_s=10)
-
-
-def _terminate(proc: subprocess.Popen[bytes], *, timeout_s: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+            terminate(proc, timeout_s=10)
 
 
 def _pings(url: str) -> bool:
@@ -217,10 +220,18 @@ class Run:
     """One workload against one Redis and one database."""
 
     def __init__(
-        self, cfg: BenchConfig, redis_url: str, database_url: str, mode: str, progress: Progress
+        self,
+        cfg: BenchConfig,
+        redis_url: str,
+        database_url: str,
+        mode: str,
+        scenario: Scenario,
+        progress: Progress,
     ) -> None:
         self.cfg = cfg
         self.mode = mode
+        self.scenario = scenario
+        self.action = scenario.action
         self.progress = progress
         tuned: dict[str, Any] = {"batch_size": cfg.batch_size, "appliers": cfg.appliers}
         self.settings = Settings(
@@ -235,18 +246,13 @@ class Run:
         self.orders = [f"BENCH{i:024d}" for i in range(cfg.measured)]  # 29-char timer keys
 
     def prepare(self) -> float:
-        """Tables, orders, pending timers. Returns Redis bytes per pending timer."""
+        """Tables, the action's rows, pending timers. Returns Redis bytes per pending timer."""
         self.client.flushdb()
         migrate.upgrade(self.engine, self.settings)
-        task = self.progress.add_task("creating orders", total=len(self.orders))
+        task = self.progress.add_task(f"preparing {self.scenario.name}", total=None)
         with self.engine.begin() as conn:
-            for i in range(0, len(self.orders), 5000):
-                chunk = self.orders[i : i + 5000]
-                conn.execute(
-                    sa.text("INSERT INTO orders (order_sn, status) VALUES (:sn, 'unpaid')"),
-                    [{"sn": sn} for sn in chunk],
-                )
-                self.progress.advance(task, len(chunk))
+            self.scenario.prepare(conn, self.orders)
+        self.progress.remove_task(task)
         before = int(self.client.info("memory")["used_memory"])
         task = self.progress.add_task(
             f"pre-loading {self.cfg.pending:,} pending", total=self.cfg.pending
@@ -265,15 +271,15 @@ class Run:
     def _preload(self, start: int, n: int) -> None:
         # Far future: a day ahead and later, spread one per 100 ms like real traffic.
         items = [
-            (f"FAR{j:026d}", timedelta(days=1, milliseconds=100 * j))
+            (f"FAR{j:026d}", timedelta(days=1, milliseconds=100 * j), self.action)
             for j in range(start, start + n)
         ]
         if self.mode != "naive":
             Producer(self.client, self.keys).schedule_many(items)
         else:
             pipe = self.client.pipeline(transaction=False)
-            for sn, delay in items:
-                pipe.set(timer_key(sn, "cancel"), 1, px=int(delay.total_seconds() * 1000))
+            for sn, delay, action in items:
+                pipe.set(timer_key(sn, action), 1, px=int(delay.total_seconds() * 1000))
             pipe.execute()
 
     def schedule_measured(self) -> dict[str, int]:
@@ -288,12 +294,12 @@ class Run:
         started = time.perf_counter()
         if self.mode == "delayq":
             Producer(self.client, self.keys).schedule_many(
-                (sn, from_ms(ms)) for sn, ms in due.items()
+                (sn, from_ms(ms), self.action) for sn, ms in due.items()
             )
         else:
             pipe = self.client.pipeline(transaction=False)
             for sn, ms in due.items():
-                pipe.set(timer_key(sn, "cancel"), 1, pxat=ms)
+                pipe.set(timer_key(sn, self.action), 1, pxat=ms)
             pipe.execute()
         self.scheduling_s += time.perf_counter() - started
         return due
@@ -335,13 +341,17 @@ def _cpu_s(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def listener_process(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def listener_process(
+    settings: Settings, log_path: Path, extra_env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`delayq listen` with `settings` and `extra_env` (the action's settings) alone."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELAYQ_")}
     env.update(
         DELAYQ_REDIS_URL=settings.redis_url or "",
         DELAYQ_DATABASE_URL=settings.effective_database_url,
         DELAYQ_BATCH_SIZE=str(settings.batch_size),
         DELAYQ_APPLIERS=str(settings.appliers),
+        **extra_env,
     )
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
@@ -361,7 +371,7 @@ def listener_process(settings: Settings, log_path: Path) -> Iterator[subprocess.
             raise ServiceUnavailable(f"the listener exited: {log_path.read_text()[-500:]}")
         yield proc
     finally:
-        _terminate(proc, timeout_s=30)
+        terminate(proc, timeout_s=30)
 
 
 def _subscribed(settings: Settings) -> bool:
@@ -401,55 +411,65 @@ class NaiveListener:
 
 
 def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> RunResult:
-    with scratch_redis(cfg.redis_url) as redis_url, scratch_database(cfg.database_url) as db_url:
-        run = Run(cfg, redis_url, db_url, mode, progress)
-        try:
-            per_timer = run.prepare()
-            listener_cm: Any
-            if mode != "naive":
-                listener_cm = listener_process(run.settings, workdir / "listener.log")
-            else:
-                listener_cm = contextlib.nullcontext()
-            with listener_cm as proc:
-                cpu0 = _cpu_s(proc.pid) if proc else 0.0
-                wall0 = time.monotonic()
-                due = run.schedule_measured()
-                naive = NaiveListener(run.settings, due) if mode == "naive" else None
-                with naive or contextlib.nullcontext():
-                    task = progress.add_task(f"{mode}: firing {len(due):,}", total=len(due))
-                    last_due_s = (max(due.values()) - min(due.values())) / 1000 + LEAD_S
-                    deadline = time.monotonic() + last_due_s + cfg.drain_timeout_s
-                    fired = 0
-                    while fired < len(due) and time.monotonic() < deadline:
-                        time.sleep(0.25)
-                        fired = run.fired_count()
-                        progress.update(task, completed=fired)
-                drain_end = time.monotonic()
-                cpu = (_cpu_s(proc.pid) - cpu0) / (drain_end - wall0) * 100 if proc else 0.0
-            samples, distinct, duplicates, early = run.collect(due)
-            late = [s[1] for s in samples]
-            first_due = LEAD_S
-            span = max(0.001, drain_end - wall0 - first_due)
-            peak = int(run.client.info("memory")["used_memory_peak"]) / 1e6
-            return RunResult(
-                mode=mode,
-                scheduled=len(due),
-                fired=distinct,
-                lost=len(due) - distinct,
-                duplicates=duplicates,
-                early=early,
-                lateness_ms=percentiles(late),
-                throughput_per_s=round(distinct / span, 1),
-                drain_s=round(span, 2),
-                schedule_per_s=round((cfg.pending + len(due)) / max(run.scheduling_s, 1e-9)),
-                redis_bytes_per_pending=round(per_timer, 1) if cfg.pending else None,
-                redis_peak_mb=round(peak, 1),
-                redis_version=str(run.client.info("server")["redis_version"]),
-                listener_cpu_pct=round(cpu, 1),
-                samples=samples,
-            )
-        finally:
-            run.close()
+    scenario = SCENARIOS[cfg.action]()
+    with (
+        scratch_redis(cfg.redis_url) as redis_url,
+        scratch_database(cfg.database_url) as db_url,
+        contextlib.ExitStack() as stack,
+    ):
+        run = Run(cfg, redis_url, db_url, mode, scenario, progress)
+        stack.callback(run.close)
+        per_timer = run.prepare()
+        # The action's far side (a webhook's server) outlives the listener: what the
+        # listener did is counted there once it has stopped.
+        extra_env = stack.enter_context(scenario.running(workdir))
+        listener_cm: Any
+        if mode != "naive":
+            listener_cm = listener_process(run.settings, workdir / "listener.log", extra_env)
+        else:
+            listener_cm = contextlib.nullcontext()
+        with listener_cm as proc:
+            cpu0 = _cpu_s(proc.pid) if proc else 0.0
+            wall0 = time.monotonic()
+            due = run.schedule_measured()
+            naive = NaiveListener(run.settings, due) if mode == "naive" else None
+            with naive or contextlib.nullcontext():
+                task = progress.add_task(f"{mode}: firing {len(due):,}", total=len(due))
+                last_due_s = (max(due.values()) - min(due.values())) / 1000 + LEAD_S
+                deadline = time.monotonic() + last_due_s + cfg.drain_timeout_s
+                fired = 0
+                while fired < len(due) and time.monotonic() < deadline:
+                    time.sleep(0.25)
+                    fired = run.fired_count()
+                    progress.update(task, completed=fired)
+            drain_end = time.monotonic()
+            cpu = (_cpu_s(proc.pid) - cpu0) / (drain_end - wall0) * 100 if proc else 0.0
+        with run.engine.connect() as conn:
+            effects = scenario.effects(conn)
+        samples, distinct, duplicates, early = run.collect(due)
+        late = [s[1] for s in samples]
+        first_due = LEAD_S
+        span = max(0.001, drain_end - wall0 - first_due)
+        peak = int(run.client.info("memory")["used_memory_peak"]) / 1e6
+        return RunResult(
+            mode=mode,
+            action=scenario.action,
+            scheduled=len(due),
+            fired=distinct,
+            lost=len(due) - distinct,
+            duplicates=duplicates,
+            early=early,
+            lateness_ms=percentiles(late),
+            throughput_per_s=round(distinct / span, 1),
+            drain_s=round(span, 2),
+            schedule_per_s=round((cfg.pending + len(due)) / max(run.scheduling_s, 1e-9)),
+            redis_bytes_per_pending=round(per_timer, 1) if cfg.pending else None,
+            redis_peak_mb=round(peak, 1),
+            redis_version=str(run.client.info("server")["redis_version"]),
+            listener_cpu_pct=round(cpu, 1),
+            effects=effects,
+            samples=samples,
+        )
 
 
 def run_bench(
@@ -500,10 +520,12 @@ def _summary(r: RunResult) -> str:
     lat = r.lateness_ms
     per_timer = "n/a" if r.redis_bytes_per_pending is None else f"{r.redis_bytes_per_pending:.0f}"
     lat_text = " ".join(f"{k} {v:,.1f}" for k, v in lat.items()) if lat else "n/a"
+    what = r.mode if r.action == "cancel" else f"{r.mode} {r.action}"
     return (
-        f"{r.mode}: fired {r.fired:,}/{r.scheduled:,}, lost {r.lost:,} (not fired by the end), "
+        f"{what}: fired {r.fired:,}/{r.scheduled:,}, lost {r.lost:,} (not fired by the end), "
         f"duplicates {r.duplicates}, "
-        f"early {r.early}; lateness ms {lat_text}; {r.throughput_per_s:,.0f}/s; "
+        f"early {r.early}; done {r.effects:,}; lateness ms {lat_text}; "
+        f"{r.throughput_per_s:,.0f}/s; "
         f"Redis {per_timer} B/pending timer, peak {r.redis_peak_mb:.0f} MB; "
         f"listener CPU {r.listener_cpu_pct:.0f}%; scheduling {r.schedule_per_s:,.0f}/s"
     )

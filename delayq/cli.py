@@ -270,6 +270,13 @@ def bench(
         int | None, typer.Option(help="DELAYQ_BATCH_SIZE for the listener.")
     ] = None,
     appliers: Annotated[int | None, typer.Option(help="DELAYQ_APPLIERS for the listener.")] = None,
+    action: Annotated[
+        str,
+        typer.Option(
+            help="What the timers do: cancel (the built-in), handler (a Python handler doing "
+            "one UPDATE), webhook (a POST to a local server)."
+        ),
+    ] = "cancel",
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait past the last due.")] = 120,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here.")
@@ -291,6 +298,7 @@ def bench(
         drain_timeout_s=drain_timeout,
         batch_size=batch_size,
         appliers=appliers,
+        action=action,
     )
     run_bench(cfg, json_path=json_file, plot_path=plot, out=print)
 

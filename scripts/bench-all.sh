@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces every figure in BENCHMARKS.md (about 10 minutes on a 2-core machine).
+# Reproduces every figure in BENCHMARKS.md (about 16 minutes on a 2-core machine).
 # MariaDB and PostgreSQL runs make and drop their own scratch database on the server named.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,3 +16,8 @@ bench burst-100k-mariadb --pending 0 --burst 100000 --database-url "$MARIADB"
 bench peers-200-over-4s --pending 0 --rate 50 --duration 4 --naive --database-url "$MARIADB"
 bench peers-2000-over-4s --pending 0 --rate 500 --duration 4 --naive --database-url "$MARIADB"
 bench 200k-pending-naive-mariadb --pending 200000 --rate 500 --duration 4 --naive --database-url "$MARIADB"
+bench handler-1m-pending-mariadb --pending 1000000 --rate 1000 --duration 30 --action handler --database-url "$MARIADB"
+bench handler-burst-20k-mariadb --pending 1000000 --burst 20000 --action handler --database-url "$MARIADB"
+bench webhook-1m-pending-mariadb --pending 1000000 --rate 1000 --duration 30 --action webhook --database-url "$MARIADB"
+bench webhook-500-1m-pending-mariadb --pending 1000000 --rate 500 --duration 30 --action webhook --database-url "$MARIADB"
+bench webhook-burst-20k-mariadb --pending 1000000 --burst 20000 --action webhook --database-url "$MARIADB"

@@ -6,24 +6,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pymysql
+import pytest
 
 from tests.harness import clean_env, run_cli
 
 RUN_FIELDS = {
-    "mode", "scheduled", "fired", "lost", "duplicates", "early", "lateness_ms",
+    "mode", "action", "scheduled", "fired", "lost", "duplicates", "early", "lateness_ms",
     "throughput_per_s", "drain_s", "schedule_per_s", "redis_bytes_per_pending",
-    "redis_peak_mb", "redis_version", "listener_cpu_pct",
+    "redis_peak_mb", "redis_version", "listener_cpu_pct", "effects",
 }  # fmt: skip
 
 
-def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
+def _bench(tmp_path: Path, *args: str) -> dict[str, Any]:
     out = tmp_path / "bench.json"
     env = clean_env(HOME=str(tmp_path / "home"))
     done = run_cli("bench", "--json", str(out), *args, env=env, cwd=tmp_path, timeout_s=240)
     assert done.returncode == 0, done.stdout + done.stderr
-    report: dict[str, object] = json.loads(out.read_text())
+    report: dict[str, Any] = json.loads(out.read_text())
     return report
 
 
@@ -37,7 +39,7 @@ def test_bench_smoke_run_fires_every_timer_once_and_reports_its_figures(tmp_path
     assert isinstance(runs, list) and [r["mode"] for r in runs] == ["delayq", "naive"]
     for run in runs:
         assert set(run) == RUN_FIELDS
-        assert run["scheduled"] == 300
+        assert (run["action"], run["scheduled"], run["effects"]) == ("cancel", 300, 300)
         assert set(run["lateness_ms"]) == {"p50", "p90", "p99", "max"}
     delayq = runs[0]
     assert (delayq["fired"], delayq["lost"], delayq["duplicates"], delayq["early"]) == (
@@ -48,6 +50,38 @@ def test_bench_smoke_run_fires_every_timer_once_and_reports_its_figures(tmp_path
     )
     assert delayq["redis_bytes_per_pending"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def _fired_each_once(run: dict[str, Any], action: str, scheduled: int) -> None:
+    """Every timer fired once, its work done once on the far side, and the figures there."""
+    assert set(run) == RUN_FIELDS
+    assert (run["mode"], run["action"]) == ("delayq", action)
+    counts = [run[k] for k in ("scheduled", "fired", "lost", "duplicates", "early", "effects")]
+    assert counts == [scheduled, scheduled, 0, 0, 0, scheduled]
+    assert set(run["lateness_ms"]) == {"p50", "p90", "p99", "max"}
+    assert run["throughput_per_s"] > 0
+
+
+def test_bench_handler_scenario_updates_another_table_once_per_timer(
+    tmp_path: Path, mariadb_url: str
+) -> None:
+    report = _bench(
+        tmp_path, "--pending", "1000", "--rate", "100", "--duration", "2",
+        "--action", "handler", "--database-url", mariadb_url,
+    )  # fmt: skip
+    (run,) = report["runs"]
+    # effects: the sum of bench_stock.touched, which the handler's UPDATE adds 1 to.
+    _fired_each_once(run, "bench_touch", 200)
+    assert report["config"]["action"] == "handler"
+
+
+def test_bench_webhook_scenario_posts_once_per_timer_to_a_local_server(tmp_path: Path) -> None:
+    report = _bench(
+        tmp_path, "--pending", "1000", "--rate", "100", "--duration", "2", "--action", "webhook"
+    )
+    (run,) = report["runs"]
+    # effects: the POSTs the bench's receiver counted.
+    _fired_each_once(run, "bench_hook", 200)
 
 
 def _bench_databases() -> set[str]:
@@ -65,13 +99,25 @@ def test_bench_on_mariadb_makes_and_drops_its_own_scratch_database(
 ) -> None:
     before = _bench_databases()
     report = _bench(tmp_path, "--pending", "0", "--burst", "500", "--database-url", mariadb_url)
-    (run,) = report["runs"]  # type: ignore[misc]
+    (run,) = report["runs"]
     assert (run["fired"], run["lost"], run["duplicates"]) == (500, 0, 0)
     assert _bench_databases() == before
 
 
-def test_bench_refuses_a_workload_that_fires_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("--rate", "0"), "--rate and --duration > 0"),
+        (("--action", "email"), "choose one of cancel, handler, webhook"),
+        (("--action", "handler", "--naive"), "--naive runs the built-in cancel only"),
+    ],
+    ids=["no-rate", "unknown-action", "naive-with-a-handler"],
+)
+def test_bench_refuses_a_workload_it_cannot_run_in_one_line(
+    tmp_path: Path, args: tuple[str, ...], said: str
+) -> None:
     env = clean_env(HOME=str(tmp_path / "home"))
-    done = run_cli("bench", "--rate", "0", env=env, cwd=tmp_path)
+    done = run_cli("bench", *args, env=env, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.startswith("delayq: error:") and "Traceback" not in done.stderr
+    assert said in done.stderr

@@ -75,6 +75,9 @@ class ExternalRunner:
     def start(self, guard: Callable[[Callable[[], None]], Callable[[], None]]) -> None:
         for spec in self.actions.external:
             assert spec.policy is not None
+            warm_up = getattr(spec.handler, "warm_up", None)
+            if warm_up is not None:  # a webhook's client, before the first firing waits
+                warm_up()
             for n in range(spec.policy.concurrency):
                 thread = threading.Thread(
                     target=guard(lambda spec=spec: self._work(spec)),  # type: ignore[misc]

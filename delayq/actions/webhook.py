@@ -103,6 +103,11 @@ class Webhook:
             raise GiveUp(f"{what}: redirects are not followed; set the final URL")
         raise GiveUp(what)
 
+    def warm_up(self) -> None:
+        """Make the client now: its TLS context takes ~80 ms, which the first firings
+        would otherwise wait for (BENCHMARKS.md, issue 9)."""
+        _ = self.client
+
     def close(self) -> None:
         with self._lock:
             if self._client is not None:

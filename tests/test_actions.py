@@ -294,7 +294,11 @@ def test_one_failing_firing_does_not_hold_back_the_others_due_at_the_same_instan
         [(sn, "applied") for sn in good] + [("STOCK-1", "applied"), ("STOCK-2", "applied")]
     )
     calls = Counter(c.order_sn for c in shop.calls())
-    assert calls == {**dict.fromkeys([*good, "STOCK-1", "STOCK-2"], 1), "BAD-1": 3}
+    # The failing handler is called once per attempt. A firing that shared a transaction
+    # with it may have been called once more (that run rolled back with it): its effect
+    # is committed once all the same.
+    assert calls["BAD-1"] == 3
+    assert all(1 <= calls[sn] <= 2 for sn in [*good, "STOCK-1", "STOCK-2"]), calls
     assert effects_per_order(shop) == dict.fromkeys([*good, "STOCK-1", "STOCK-2"], 1)
 
 

@@ -1,8 +1,10 @@
 """Applying a batch of firings in one short database transaction.
 
 Each action's handler is called with the firings of that action (a batch handler once
-with all of them, any other once per firing); every handler but a built-in runs in a
-savepoint of its own, so that one that raises rolls back only its own firing. One
+with all of them, any other once per firing). A handler that raises rolls back only its
+own firing: the first pass runs without savepoints (they cost more than a handler's own
+UPDATE), and if a handler raises, the transaction is rolled back and the batch applied
+again without calling it, every other handler in a savepoint of its own this time. One
 outcome row per firing is written in the same transaction, so the handlers' writes and
 the record that the firing happened commit together, or not at all.
 
@@ -107,21 +109,22 @@ class Applier:
             # again for a due time that has already fired. Look every firing up.
             return self._apply(jobs, check_all=True)
 
-    def _apply(self, jobs: list[Job], *, check_all: bool) -> list[Outcome]:
+    def _apply(
+        self, jobs: list[Job], *, check_all: bool, decided: dict[str, Outcome] | None = None
+    ) -> list[Outcome]:
         try:
             with self.engine.begin() as conn:
                 recorded = self._recorded(conn, jobs, check_all=check_all)
                 fired_at = self.clock()
                 todo = [j for j in jobs if _identity(j) not in recorded]
-                results = self._results(conn, todo, fired_at)
-        except _RollBack as undo:
-            # The one handler call of the transaction raised (Skip too): what it wrote is
-            # gone with the transaction; a skip is recorded on its own.
-            (failed,) = undo.outcomes
-            if failed.outcome == FAILED:
-                return [failed]
-            done = Done(failed.firing, failed.outcome, failed.detail, failed.fired_at)
-            return self._apply([Job(done, failed.order_sn, failed.action)], check_all=True)
+                results = self._results(conn, todo, fired_at, decided)
+        except _Redo as redo:
+            # A handler raised (or skipped) where no savepoint could undo just its writes:
+            # the transaction is rolled back, and the batch applied again with its verdict
+            # known (it is not called again in this attempt).
+            return self._apply(
+                jobs, check_all=check_all, decided={**(decided or {}), **redo.decided}
+            )
         skipped = [
             Outcome(j.firing, j.order_sn, j.action, ALREADY_RECORDED, fired_at)
             for j in jobs
@@ -129,11 +132,19 @@ class Applier:
         ]
         return results + skipped
 
-    def _results(self, conn: sa.Connection, todo: list[Job], fired_at: datetime) -> list[Outcome]:
+    def _results(
+        self,
+        conn: sa.Connection,
+        todo: list[Job],
+        fired_at: datetime,
+        decided: dict[str, Outcome] | None,
+    ) -> list[Outcome]:
         results: list[Outcome] = []
         groups: dict[str, list[Job]] = defaultdict(list)
         for job in todo:
-            if isinstance(job.item, Done):
+            if decided and job.firing.id in decided:
+                results.append(decided[job.firing.id])
+            elif isinstance(job.item, Done):
                 d = job.item
                 results.append(
                     Outcome(d.firing, job.order_sn, job.action, d.outcome, d.fired_at, d.detail)
@@ -142,13 +153,13 @@ class Applier:
                 results.append(Outcome(job.firing, *job[1:], _unknown(job.action), fired_at))
             else:
                 groups[job.action].append(job)
+        # First pass: no savepoints (a SAVEPOINT and RELEASE per handler call cost more
+        # than the call's own UPDATE). Only once a handler has raised, the batch runs again
+        # with each call in a savepoint, wherever there is something else to keep.
         calls = sum(1 if self.actions.specs[a].batch else len(g) for a, g in groups.items())
-        # A savepoint only where there is something else in the transaction to keep.
-        isolate = calls + len(results) > 1
+        isolate = decided is not None and calls + len(results) > 1
         for name in sorted(groups):  # the same order each time: fewer lock waits
             results += self._run(conn, self.actions.specs[name], groups[name], fired_at, isolate)
-        if not isolate and any(r.error is not None for r in results):
-            raise _RollBack(results)
         rows = [_outcome_row(r) for r in results if r.recorded]
         if rows:
             conn.execute(outcomes.insert(), rows)
@@ -162,24 +173,34 @@ class Applier:
         fired_at: datetime,
         isolate: bool,
     ) -> list[Outcome]:
-        """Call the handler of `spec` for `jobs`; one outcome per job."""
+        """Call the handler of `spec` for `jobs`; one outcome per job. Raises _Redo when a
+        call without a savepoint raised."""
         contexts = [
             context_for(j.firing, j.order_sn, j.action, fired_at, connection=conn) for j in jobs
         ]
-        if spec.batch:
-            results = self._call(conn, spec, contexts, len(jobs), isolate)
-        else:
-            results = [self._call(conn, spec, c, 1, isolate)[0] for c in contexts]
-        return [
-            Outcome(j.firing, j.order_sn, j.action, r.outcome, fired_at, r.detail, error=e)
-            for j, (r, e) in zip(jobs, results, strict=True)
-        ]
+        calls = (
+            [(jobs, contexts)]
+            if spec.batch
+            else [([j], c) for j, c in zip(jobs, contexts, strict=True)]
+        )
+        out: list[Outcome] = []
+        for called, arg in calls:
+            verdicts = self._call(conn, spec, arg, len(called), isolate)
+            outcomes_ = [
+                Outcome(j.firing, j.order_sn, j.action, r.outcome, fired_at, r.detail, error=e)
+                for j, (r, e) in zip(called, verdicts, strict=True)
+            ]
+            if not isolate and any(o.error is not None for o in outcomes_):
+                raise _Redo({o.firing.id: o for o in outcomes_})
+            out += outcomes_
+        return out
 
     def _call(
         self, conn: sa.Connection, spec: ActionSpec, arg: Any, n: int, isolate: bool
     ) -> list[tuple[Result, BaseException | None]]:
         """The handler's verdicts; a handler that raises fails (or, with Skip, skips) all
-        `n` firings it was given, and what it wrote is rolled back."""
+        `n` firings it was given, and what it wrote is rolled back (here, by its
+        savepoint; without one, by the caller)."""
         if spec.trusted:  # a built-in: its outcomes hold the configured status names
             return [(r, None) for r in spec.handler(arg)]
         savepoint = conn.begin_nested() if isolate else None
@@ -187,12 +208,12 @@ class Applier:
             returned = spec.handler(arg)
             results = as_batch_results(returned, n) if spec.batch else [as_result(returned)]
         except Skip as skip:
-            _roll_back(conn, savepoint)
+            _roll_back(savepoint)
             return [(Result(SKIPPED, skip.reason[:255] or None), skip)] * n
         except Exception as exc:
             if _is_database_failure(exc):
                 raise  # the database, not the handler: the whole batch is retried
-            _roll_back(conn, savepoint)
+            _roll_back(savepoint)
             return [(Result(FAILED, _error_text(exc)), exc)] * n
         if savepoint is not None:
             savepoint.commit()
@@ -239,12 +260,13 @@ class Applier:
         return {(r.order_sn, r.action, r.due_at) for r in rows}
 
 
-class _RollBack(Exception):
-    """Leaves a transaction whose only handler call raised, rolling it back."""
+class _Redo(Exception):
+    """Leaves a transaction in which a handler raised without a savepoint, rolling it
+    back; `decided` holds the verdicts of the firings that handler was given."""
 
-    def __init__(self, outcomes: list[Outcome]) -> None:
-        super().__init__("roll back")
-        self.outcomes = outcomes
+    def __init__(self, decided: dict[str, Outcome]) -> None:
+        super().__init__("apply again")
+        self.decided = decided
 
 
 def _firing(item: Item) -> Firing:
@@ -257,7 +279,7 @@ def _unknown(action: str) -> str:
     return UNKNOWN_ACTION if ACTION_RE.fullmatch(action) else UNMAPPED_FLAG
 
 
-def _roll_back(conn: sa.Connection, savepoint: sa.NestedTransaction | None) -> None:
+def _roll_back(savepoint: sa.NestedTransaction | None) -> None:
     if savepoint is not None:
         savepoint.rollback()
 

@@ -10,8 +10,8 @@ venv:
 	bash scripts/bootstrap.sh
 
 lint:
-	$(VENV)/bin/ruff check delayq tests
-	$(VENV)/bin/ruff format --check delayq tests
+	$(VENV)/bin/ruff check delayq tests examples
+	$(VENV)/bin/ruff format --check delayq tests examples
 
 types:
 	$(VENV)/bin/mypy

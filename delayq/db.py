@@ -211,6 +211,14 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def is_transient(exc: BaseException) -> bool:
+    """A failure of the database (a lost connection, a timeout, a deadlock) rather than of
+    what was asked of it: worth retrying the whole transaction later."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
 def unreachable(settings: Settings, exc: BaseException) -> ServiceUnavailable:
     """The one-line error for a database that does not answer."""
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]

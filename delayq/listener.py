@@ -54,12 +54,14 @@ from delayq.actions import (
     Policy,
     load_actions,
 )
-from delayq.actions.apply import Item
+from delayq.actions.apply import Item, firing_of
 from delayq.actions.external import ExternalRunner
+from delayq.actions.registry import global_policy
+from delayq.db import is_transient
 from delayq.errors import DelayqError
 from delayq.keys import Keys
 from delayq.liveness import Liveness
-from delayq.observe import Metrics
+from delayq.observe import Metrics, known_labels
 from delayq.sdnotify import Notifier
 from delayq.settings import Settings, mask_url
 from delayq.store import Claim, Firing, TimerStore
@@ -168,10 +170,9 @@ class Listener:
         )
         # Claim no more than the applier can finish well within a lease.
         self.max_backlog = settings.batch_size * 4
-        self.metrics = Metrics()
-        self.metrics.allow(
-            actions=[spec.name for spec in self.actions], outcomes=[FAILED, "skipped"]
-        )
+        self.metrics = Metrics(*known_labels(self.actions))
+        #: Retries of what fails as a whole batch (the database), and of unknown actions.
+        self.policy = global_policy(settings)
         self.notifier = Notifier()
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.subscribed = threading.Event()
@@ -523,14 +524,20 @@ class Listener:
 
     def apply_batch(self, batch: Sequence[Item]) -> None:
         """Apply one micro-batch and acknowledge it, or send it back for a retry."""
-        external = [f for f in batch if isinstance(f, Firing) and self._external(f)]
+        own: list[Item] = []
+        external: list[Firing] = []
+        for item in batch:
+            if isinstance(item, Firing) and self._external(item):
+                external.append(item)
+            else:
+                own.append(item)
         if external:
             # Claimed before this listener knew better (a test's direct hand-off): they
             # belong to their action's workers.
             self._hand_out(external)
-            batch = [i for i in batch if not (isinstance(i, Firing) and self._external(i))]
-            if not batch:
+            if not own:
                 return
+        batch = own
         started = time.monotonic()
         try:
             # A batch whose connection stops answering has it broken by the watch.
@@ -545,13 +552,13 @@ class Listener:
                     # gets a fresh one.
                     outcomes = self.applier.apply(batch)
         except sa.exc.SQLAlchemyError as exc:
-            if len(batch) > 1 and not _is_transient(exc):
+            if len(batch) > 1 and not is_transient(exc):
                 # One bad firing must not hold back the rest: isolate it.
                 for item in batch:
                     self.apply_batch([item])
                 return
             self.db_outage.failed(exc)
-            self._retry_later([_firing_of(i) for i in batch], exc)
+            self._retry_later([firing_of(i) for i in batch], exc)
             return
         self.db_outage.ok()
         took_s = time.monotonic() - started
@@ -580,11 +587,10 @@ class Listener:
     def _handler_failed(self, failed: Sequence[Outcome], spec: ActionSpec | None) -> None:
         """Firings whose handler raised: each is tried again after the action's backoff, or
         dead-lettered after its attempts (at once for delayq.GiveUp)."""
+        policy = spec.policy if spec is not None and spec.policy is not None else self.policy
+        attempts = policy.max_attempts
         for o in failed:
             assert o.error is not None
-            attempts = (
-                spec.policy.max_attempts if spec and spec.policy else self.settings.max_attempts
-            )
             final = o.permanent or o.firing.attempt >= attempts
             log.log(
                 logging.ERROR if final else logging.WARNING,
@@ -598,7 +604,6 @@ class Listener:
             )
         permanent = [o for o in failed if o.permanent]
         retryable = [o for o in failed if not o.permanent]
-        policy = spec.policy if spec is not None else None
         for group, max_attempts in ((permanent, 1), (retryable, None)):
             if group:
                 self._retry_later(
@@ -630,16 +635,14 @@ class Listener:
     ) -> None:
         """Count a failed attempt of each firing: retried after a backoff (the action's
         policy, else the global settings), or dead-lettered after its last attempt."""
-        s = self.settings
-        attempts = max_attempts or (policy.max_attempts if policy else s.max_attempts)
-        backoff_s = policy.backoff_s if policy else s.retry_backoff_s
-        backoff_max_s = policy.backoff_max_s if policy else s.retry_backoff_max_s
+        policy = policy or self.policy
+        attempts = max_attempts or policy.max_attempts
         try:
             dead = self.store.retry_later(
                 [f.id for f in batch],
                 max_attempts=attempts,
-                backoff_ms=int(backoff_s * 1000),
-                backoff_max_ms=int(backoff_max_s * 1000),
+                backoff_ms=int(policy.backoff_s * 1000),
+                backoff_max_ms=int(policy.backoff_max_s * 1000),
                 error=(error or _one_line(exc))[:300],
             )
         except redis.RedisError as redis_exc:
@@ -765,17 +768,6 @@ class RecentKeys:
 
     def __contains__(self, key: object) -> bool:
         return key in self._since
-
-
-def _firing_of(item: Item) -> Firing:
-    return item.firing if isinstance(item, Done) else item
-
-
-def _is_transient(exc: sa.exc.SQLAlchemyError) -> bool:
-    """A failure of the database rather than of one firing: retry the whole batch later."""
-    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError)
 
 
 def _one_line(exc: BaseException) -> str:

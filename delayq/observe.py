@@ -49,9 +49,8 @@ from delayq.actions import (
     UNKNOWN_ACTION,
     UNMAPPED_FLAG,
     Actions,
-    load_actions,
 )
-from delayq.actions.builtin import StatusChange
+from delayq.actions.builtin import StatusChange, builtin_actions
 from delayq.errors import InvalidInput
 from delayq.figures import redis_figures
 from delayq.settings import Settings
@@ -113,7 +112,8 @@ class Metrics:
     def __init__(
         self, actions: Iterable[str] | None = None, outcomes: Iterable[str] | None = None
     ) -> None:
-        default_actions, default_outcomes = known_labels(load_actions(Settings(), app=""))
+        builtins = Actions({spec.name: spec for spec in builtin_actions(Settings())})
+        default_actions, default_outcomes = known_labels(builtins)
         self.actions = set(default_actions if actions is None else actions)
         self.outcomes = set(default_outcomes if outcomes is None else outcomes)
         self.registry = CollectorRegistry()
@@ -249,8 +249,6 @@ class _Server6(_Server):
 
 def serve(listener: Listener, address: tuple[str, int], token: str | None) -> ThreadingHTTPServer:
     """Start the HTTP server on a daemon thread; the caller shuts it down."""
-    actions, outcomes = known_labels(listener.actions)
-    listener.metrics.allow(actions=actions, outcomes=outcomes)
     listener.metrics.registry.register(RedisFigures(listener.client, listener))
     handler = type("Handler", (_Handler,), {"listener": listener, "token": token})
     server_class = _Server6 if ":" in address[0] else _Server

@@ -38,13 +38,14 @@ from delayq.actions.core import (
     as_batch_results,
     as_result,
     context_for,
+    naive_due_at,
     utcnow,
 )
 from delayq.actions.registry import Actions, ActionSpec, load_actions
-from delayq.db import outcomes
+from delayq.db import is_transient, outcomes
 from delayq.settings import Settings
 from delayq.store import Firing
-from delayq.timing import ACTION_RE, ORDER_SN_RE, from_ms
+from delayq.timing import ACTION_RE, ORDER_SN_RE
 
 #: What an applier is given: a claimed firing, or an external action's finished call.
 Item = Firing | Done
@@ -57,7 +58,7 @@ class Job(NamedTuple):
 
     @property
     def firing(self) -> Firing:
-        return self.item.firing if isinstance(self.item, Done) else self.item
+        return firing_of(self.item)
 
 
 class Applier:
@@ -91,17 +92,14 @@ class Applier:
             return key[:64], "?"
         return order_sn, self.flags.get(flag, flag)
 
-    def spec_for(self, key: str) -> ActionSpec | None:
-        return self.actions.get(self.parse_key(key)[1])
-
     def apply(self, items: Sequence[Item]) -> list[Outcome]:
         """Apply `items` in one transaction; returns one outcome per firing (FAILED for a
         firing whose handler raised: nothing of it is committed). Raises the database's
         exception if the transaction fails (nothing is then applied)."""
         # A firing claimed twice by this listener (its lease ran out while it was queued)
         # is applied once.
-        unique = {_firing(i).id: i for i in items}.values()
-        jobs = [Job(i, *self.parse_key(_firing(i).key)) for i in unique]
+        unique = {firing_of(i).id: i for i in items}.values()
+        jobs = [Job(i, *self.parse_key(firing_of(i).key)) for i in unique]
         try:
             return self._apply(jobs, check_all=False)
         except sa.exc.IntegrityError:
@@ -211,7 +209,7 @@ class Applier:
             _roll_back(savepoint)
             return [(Result(SKIPPED, skip.reason[:255] or None), skip)] * n
         except Exception as exc:
-            if _is_database_failure(exc):
+            if is_transient(exc):
                 raise  # the database, not the handler: the whole batch is retried
             _roll_back(savepoint)
             return [(Result(FAILED, _error_text(exc)), exc)] * n
@@ -255,7 +253,7 @@ class Applier:
         order_sns = sorted({j.order_sn for j in jobs})
         if not order_sns:
             return set()
-        due_ats = sorted({_due_at(j.firing) for j in jobs})
+        due_ats = sorted({naive_due_at(j.firing) for j in jobs})
         rows = conn.execute(self.select_recorded, {"order_sns": order_sns, "due_ats": due_ats})
         return {(r.order_sn, r.action, r.due_at) for r in rows}
 
@@ -269,7 +267,8 @@ class _Redo(Exception):
         self.decided = decided
 
 
-def _firing(item: Item) -> Firing:
+def firing_of(item: Item) -> Firing:
+    """The firing an applier item stands for."""
     return item.firing if isinstance(item, Done) else item
 
 
@@ -284,13 +283,6 @@ def _roll_back(savepoint: sa.NestedTransaction | None) -> None:
         savepoint.rollback()
 
 
-def _is_database_failure(exc: BaseException) -> bool:
-    """A lost connection, a timeout or a deadlock: not the handler's fault."""
-    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError)
-
-
 def _error_text(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:255]
@@ -300,16 +292,12 @@ def _outcome_row(r: Outcome) -> dict[str, object]:
     return {
         "order_sn": r.order_sn,
         "action": r.action[:32],
-        "due_at": _due_at(r.firing),
+        "due_at": naive_due_at(r.firing),
         "fired_at": r.fired_at,
         "outcome": r.outcome,
         "detail": r.detail,
     }
 
 
-def _due_at(firing: Firing) -> datetime:
-    return from_ms(firing.due_ms).replace(tzinfo=None)
-
-
 def _identity(j: Job) -> tuple[str, str, datetime]:
-    return (j.order_sn, j.action[:32], _due_at(j.firing))
+    return (j.order_sn, j.action[:32], naive_due_at(j.firing))

@@ -115,8 +115,7 @@ class Outcome:
 
     @property
     def lateness_ms(self) -> float:
-        due = from_ms(self.firing.due_ms).replace(tzinfo=None)
-        return (self.fired_at - due).total_seconds() * 1000
+        return (self.fired_at - naive_due_at(self.firing)).total_seconds() * 1000
 
     @property
     def recorded(self) -> bool:
@@ -141,6 +140,11 @@ class Done:
     detail: str | None
     #: When the call was made (naive UTC).
     fired_at: datetime
+
+
+def naive_due_at(firing: Firing) -> datetime:
+    """A firing's due time as the outcomes table holds it (naive UTC)."""
+    return from_ms(firing.due_ms).replace(tzinfo=None)
 
 
 def utcnow() -> datetime:

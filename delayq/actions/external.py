@@ -14,7 +14,7 @@ database actions nor the other external actions.
                                                                           retry later / dead
 
 While a firing waits in its queue or its call runs, the listener renews its lease
-(`held()`), so no other listener calls it meanwhile.
+(`with_held`), so no other listener calls it meanwhile.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class ExternalRunner:
             assert spec.policy is not None
             warm_up = getattr(spec.handler, "warm_up", None)
             if warm_up is not None:  # a webhook's client, before the first firing waits
-                warm_up()
+                warm_up(spec.policy.concurrency)
             for n in range(spec.policy.concurrency):
                 thread = threading.Thread(
                     target=guard(lambda spec=spec: self._work(spec)),  # type: ignore[misc]
@@ -104,10 +104,6 @@ class ExternalRunner:
                 return  # queued or being called here already (claimed again meanwhile)
             self._held.add(firing.id)
         self.queues[action].put(firing)
-
-    def held(self) -> list[str]:
-        with self.lock:
-            return list(self._held)
 
     def with_held(self, use: Callable[[list[str]], object]) -> None:
         """`use(ids)` of the firings held, with none handed on meanwhile."""

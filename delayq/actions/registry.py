@@ -205,10 +205,23 @@ def load_actions(settings: Settings, *, app: str | None = None) -> Actions:
     return Actions({name: with_policy(spec, settings) for name, spec in specs.items()})
 
 
+def global_policy(settings: Settings) -> Policy:
+    """The policy of the global settings: every action's unless it says otherwise, and
+    that of a batch that failed as a whole (the database, not a handler)."""
+    return Policy(
+        max_attempts=settings.max_attempts,
+        backoff_s=settings.retry_backoff_s,
+        backoff_max_s=settings.retry_backoff_max_s,
+        timeout_s=settings.external_timeout_s,
+        concurrency=settings.external_concurrency,
+    )
+
+
 def with_policy(spec: ActionSpec, settings: Settings) -> ActionSpec:
     """`spec` with its policy: DELAYQ_ACTION_<NAME>_<SETTING>, else what the code says,
     else the global settings."""
     given = settings.action_settings.get(spec.name, {})
+    default = global_policy(settings)
 
     def pick(setting: str, code: float | None, default: float) -> float:
         if setting in given:
@@ -216,11 +229,11 @@ def with_policy(spec: ActionSpec, settings: Settings) -> ActionSpec:
         return default if code is None else code
 
     policy = Policy(
-        max_attempts=int(pick("max_attempts", spec.max_attempts, settings.max_attempts)),
-        backoff_s=pick("backoff_s", spec.backoff_s, settings.retry_backoff_s),
-        backoff_max_s=pick("backoff_max_s", spec.backoff_max_s, settings.retry_backoff_max_s),
-        timeout_s=pick("timeout_s", spec.timeout_s, settings.external_timeout_s),
-        concurrency=int(pick("concurrency", spec.concurrency, settings.external_concurrency)),
+        max_attempts=int(pick("max_attempts", spec.max_attempts, default.max_attempts)),
+        backoff_s=pick("backoff_s", spec.backoff_s, default.backoff_s),
+        backoff_max_s=pick("backoff_max_s", spec.backoff_max_s, default.backoff_max_s),
+        timeout_s=pick("timeout_s", spec.timeout_s, default.timeout_s),
+        concurrency=int(pick("concurrency", spec.concurrency, default.concurrency)),
     )
     where = f"action {spec.name}"
     if policy.max_attempts < 1 or policy.concurrency < 1:

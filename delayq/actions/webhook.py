@@ -55,11 +55,12 @@ def body_of(ctx: Context) -> bytes:
 class Webhook:
     """POSTs one firing to `url`; one pooled client per action (thread-safe)."""
 
-    def __init__(self, url: str, secret: str | None, concurrency: int) -> None:
+    def __init__(self, url: str, secret: str | None) -> None:
         self.url = url
         self.masked = mask_url(url)
         self.secret = secret
-        self.concurrency = concurrency
+        #: Pooled connections: the action's concurrency, told by warm_up.
+        self.concurrency = 1
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
 
@@ -103,9 +104,12 @@ class Webhook:
             raise GiveUp(f"{what}: redirects are not followed; set the final URL")
         raise GiveUp(what)
 
-    def warm_up(self) -> None:
-        """Make the client now: its TLS context takes ~80 ms, which the first firings
-        would otherwise wait for (BENCHMARKS.md, issue 9)."""
+    def warm_up(self, concurrency: int) -> None:
+        """Make the client now, pooling a connection per call that may run at once: its
+        TLS context takes ~80 ms, which the first firings would otherwise wait for
+        (BENCHMARKS.md, issue 9)."""
+        with self._lock:
+            self.concurrency = concurrency
         _ = self.client
 
     def close(self) -> None:
@@ -117,10 +121,9 @@ class Webhook:
 
 def webhook_action(name: str, url: str, settings: Settings) -> ActionSpec:
     """The action `name` as a webhook to `url` (DELAYQ_WEBHOOK_<NAME>)."""
-    concurrency = int(float(settings.action_settings.get(name, {}).get("concurrency", 0) or 0))
     return ActionSpec(
         name=name,
-        handler=Webhook(url, settings.webhook_secret, concurrency or settings.external_concurrency),
+        handler=Webhook(url, settings.webhook_secret),
         external=True,
         source=f"webhook {mask_url(url)}",
         summary=f"POST {mask_url(url)}",

@@ -25,12 +25,13 @@ from delayq.redis_conn import (
     check_persistence,
     client_url,
     connect,
+    is_cluster,
     keys_for,
     server_identity,
     unreachable,
 )
 from delayq.settings import Settings, mask_url
-from delayq.store import TimerStore
+from delayq.store import TimerStore, open_store
 from delayq.timing import from_ms
 
 
@@ -58,7 +59,7 @@ class Delayq:
 
     @cached_property
     def store(self) -> TimerStore:
-        return TimerStore(self.redis, self.keys, self.scripts)
+        return open_store(self.redis, self.keys, self.scripts)
 
     @cached_property
     def engine(self) -> Engine:
@@ -71,7 +72,12 @@ class Delayq:
 
     @cached_property
     def producer(self) -> Producer:
-        return Producer(self.redis, self.keys)
+        return Producer(
+            self.redis,
+            self.keys,
+            wait_replicas=self.settings.wait_replicas,
+            wait_timeout_ms=self.settings.wait_timeout_ms,
+        )
 
     def listener(self) -> Listener:
         resolved = dataclasses.replace(self.settings, redis_url=self.redis_url)
@@ -88,14 +94,30 @@ class Delayq:
         permission when that is what is wrong. A producer needs neither keyspace events
         nor the database."""
         lines = [f"Redis at {mask_url(self.redis_url)} answers"]
-        lines.append(f"server: {server_identity(self.redis)}")
         # Timer keys end in an action name, or in a flag older producers write.
         suffixes = [spec.name for spec in self.actions] + list(self.settings.flag_action_map)
-        lines += check_redis(self.redis, self.keys, self.scripts, role=role, key_suffixes=suffixes)
-        if role == "producer":
-            return lines
-        lines.append(check_notifications(self.redis, self.redis_url, configure=configure_redis))
-        lines.append(check_persistence(self.redis))
+        if is_cluster(self.redis):
+            from delayq.cluster.checks import check_cluster
+
+            lines += check_cluster(
+                self.redis,  # type: ignore[arg-type]
+                self.keys,
+                self.scripts,
+                role=role,
+                key_suffixes=suffixes,
+                configure=configure_redis,
+            )
+            if role == "producer":
+                return lines
+        else:
+            lines.append(f"server: {server_identity(self.redis)}")
+            lines += check_redis(
+                self.redis, self.keys, self.scripts, role=role, key_suffixes=suffixes
+            )
+            if role == "producer":
+                return lines
+            lines.append(check_notifications(self.redis, self.redis_url, configure=configure_redis))
+            lines.append(check_persistence(self.redis))
         try:
             lines += check_database(self.engine, self.settings)
             lines += check_actions(self.actions, self.engine)

@@ -23,3 +23,8 @@ class NotReady(DelayqError):
     """A server answers but is not set up for delayq (notifications off, schema missing)."""
 
     exit_code = 4
+
+
+class NotReplicated(ServiceUnavailable):
+    """A write reached the primary, but fewer replicas than DELAYQ_WAIT_REPLICAS confirmed
+    it in time: it would be lost if the primary failed over now."""

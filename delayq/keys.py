@@ -2,8 +2,14 @@
 
 Timer keys are the card's contract: `ORDER_SN:ACTION` with a TTL, no prefix, so that
 existing producers' `SETEX SN123:cancel 1200 x` keys are understood. delayq's own keys
-carry the namespace in braces (`{delayq}:due`): braces can never appear in an order id,
-so they never look like timers, and in Redis Cluster they share one hash slot.
+carry a hash tag in braces (`{delayq}:due:7`): braces can never appear in an order id, so
+they never look like timers.
+
+On one Redis the tag is the namespace and one *partition* holds every timer. In a Redis
+Cluster each hash slot is a partition of its own, tagged so that its keys live in the same
+slot as the timer keys they index (`{delayq:1234}:due:0`, see delayq/cluster/slots.py): a
+script touches a timer key and its index in one slot, and the timers spread over the
+primaries exactly as the cluster's slots do.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ def timer_key(order_sn: str, action: str) -> str:
 SHARDS = 16384
 
 
-def shard_of(key: str) -> int:
+def shard_of(key: str, shards: int = SHARDS) -> int:
     """The index shard of a timer key: a pure function of the key, so cancelling or moving
     a timer finds its entry without knowing its due time."""
-    return zlib.crc32(key.encode()) % SHARDS
+    return zlib.crc32(key.encode()) % shards if shards > 1 else 0
 
 
 def parse_timer_key(key: str) -> tuple[str, str]:
@@ -43,13 +49,30 @@ def parse_timer_key(key: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Keys:
-    """delayq's own keys in one namespace, and the keyspace channel of the timer DB."""
+    """delayq's own keys in one partition of a namespace, and the keyspace channels of the
+    timer DB."""
 
     namespace: str = "delayq"
     db: int = 0
+    #: The hash tag of this partition's keys: the namespace on one Redis; in a cluster, the
+    #: tag of one hash slot (delayq.cluster.slots.partition_keys).
+    tag: str = ""
+    #: The cluster hash slot this partition lives in, or None on one Redis.
+    slot: int | None = None
+    #: How many index shards this partition has (one per slot in a cluster: a slot's
+    #: share of the timers is small, and it keeps every call within the slot).
+    shards: int = SHARDS
+
+    def __post_init__(self) -> None:
+        if not self.tag:
+            object.__setattr__(self, "tag", self.namespace)
 
     def _k(self, name: str) -> str:
-        return f"{{{self.namespace}}}:{name}"
+        return f"{{{self.tag}}}:{name}"
+
+    def shard_id(self, key: str) -> int:
+        """The shard of this partition that indexes `key`."""
+        return shard_of(key, self.shards)
 
     @property
     def shard_prefix(self) -> str:
@@ -58,7 +81,7 @@ class Keys:
         return self._k("due:")
 
     def shard(self, key: str) -> str:
-        return f"{self.shard_prefix}{shard_of(key)}"
+        return f"{self.shard_prefix}{self.shard_id(key)}"
 
     @property
     def heads(self) -> str:
@@ -110,13 +133,22 @@ class Keys:
 
     @property
     def listeners(self) -> str:
-        """ZSET listener id -> last heartbeat (ms): who is alive."""
-        return self._k("listeners")
+        """ZSET listener id -> last heartbeat (ms): who is alive (one per namespace, also
+        in a cluster)."""
+        return f"{{{self.namespace}}}:listeners"
 
     @property
     def wake_channel(self) -> str:
-        """Published when a timer is scheduled earlier than every pending one."""
-        return self._k("wake")
+        """Published when a timer is scheduled earlier than every pending one of its
+        partition. In a cluster the slot is in the name (`{delayq}:wake:1234`), so that
+        listeners know which slot to look at."""
+        base = f"{{{self.namespace}}}:wake"
+        return base if self.slot is None else f"{base}:{self.slot}"
+
+    @property
+    def wake_pattern(self) -> str:
+        """The pattern of every partition's wake channel in a cluster."""
+        return f"{{{self.namespace}}}:wake:*"
 
     @property
     def expired_channel(self) -> str:
@@ -135,8 +167,8 @@ class Keys:
         return f"__keyevent@{self.db}__:del"
 
     def is_own(self, key: str) -> bool:
-        """One of delayq's own keys (never a timer)."""
-        return key.startswith(f"{{{self.namespace}}}:")
+        """One of delayq's own keys (never a timer), on one Redis or in a cluster."""
+        return key.startswith((f"{{{self.namespace}}}:", f"{{{self.namespace}:"))
 
 
 def firing_id(key: str, due_ms: int) -> str:

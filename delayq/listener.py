@@ -62,9 +62,10 @@ from delayq.errors import DelayqError
 from delayq.keys import Keys
 from delayq.liveness import Liveness
 from delayq.observe import Metrics, known_labels
+from delayq.redis_conn import is_cluster
 from delayq.sdnotify import Notifier
 from delayq.settings import Settings, mask_url
-from delayq.store import Claim, Firing, TimerStore
+from delayq.store import Claim, Firing, open_store
 
 log = logging.getLogger("delayq.listener")
 
@@ -149,7 +150,9 @@ class Listener:
         self.settings = settings
         self.client = client
         self.keys = keys
-        self.store = TimerStore(client, keys)
+        self.store = open_store(client, keys)
+        #: On a Redis Cluster: the store is a ClusterStore, events come from every primary.
+        self.cluster = is_cluster(client)
         self.actions = actions if actions is not None else load_actions(settings)
         self.applier = Applier(engine, settings, self.actions)
         # Breaks a batch stuck on a dead database link; probes Redis and the database in
@@ -340,6 +343,9 @@ class Listener:
     # -- subscriber ----------------------------------------------------------------------
 
     def _subscribe_loop(self) -> None:
+        if self.cluster:
+            self._cluster_subscribe_loop()
+            return
         backoff = Backoff(self.settings.reconnect_backoff_max_s)
         while not self.stopping.is_set():
             pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
@@ -357,6 +363,39 @@ class Listener:
             finally:
                 self.subscribed.clear()
                 pubsub.close()
+
+    def _cluster_subscribe_loop(self) -> None:
+        """On a cluster: events from every primary, resubscribed as the topology changes
+        (delayq/cluster/events.py); each (re)subscription is caught up with like a
+        reconnect here, and the due view is read again in full."""
+        from delayq.cluster.events import ClusterEvents
+
+        k = self.keys
+        patterns = [k.expired_channel, k.expire_channel, k.del_channel, k.wake_pattern]
+        events = ClusterEvents(self.store.router, patterns)  # type: ignore[attr-defined]
+        try:
+            events.start()
+            self._pump(events, [])
+        finally:
+            self.subscribed.clear()
+            events.close()
+
+    def _caught_up(self, node: str) -> None:
+        """A primary's subscription was (re)made: events may have been missed there."""
+        self.wake.set()
+        self.sweep_requested = time.monotonic()
+        self.store.request_refresh()  # type: ignore[attr-defined]
+        if not self.ready.is_set():
+            status = (
+                f"listening: {self.keys.expired_channel} on every primary of "
+                f"{mask_url(self.settings.redis_url)}, database "
+                f"{mask_url(self.settings.effective_database_url)}"
+            )
+            log.info("%s", status)
+            self.ready.set()
+            self.notifier.ready(status)
+        else:
+            log.info("subscribed to %s on %s", self.keys.expired_channel, node)
 
     def _subscribe(self, pubsub: redis.client.PubSub) -> list[dict[str, Any]]:
         """Subscribe; returns the events that arrived before every confirmation did."""
@@ -390,7 +429,7 @@ class Listener:
             log.info("subscribed again to %s", self.keys.expired_channel)
         return early
 
-    def _pump(self, pubsub: redis.client.PubSub, early: list[dict[str, Any]]) -> None:
+    def _pump(self, pubsub: Any, early: list[dict[str, Any]]) -> None:
         """Hand keyspace events on in batches: `expire` (adopt) after ADOPT_AFTER_S, `del`
         (forget) and `expired` (claim) after SETTLE_S. Batches keep the scripts' calls few;
         the settle time lets this listener's own claims, whose keys are deleted as they
@@ -410,6 +449,8 @@ class Listener:
             batch = early or self._read_events(pubsub, timeout_s=ADOPT_AFTER_S if busy else 0.2)
             early = []
             now = time.monotonic()
+            if self.cluster:
+                batch = self._cluster_messages(pubsub, batch)
             for msg in batch:
                 if msg["type"] == "pmessage":
                     key = msg["data"]
@@ -425,8 +466,26 @@ class Listener:
                 if keys:
                     handle(keys)
 
+    def _cluster_messages(self, events: Any, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Handle a cluster's own messages (wake-ups of a slot, subscription markers);
+        returns the keyspace events."""
+        out = []
+        for msg in batch:
+            if msg["type"] == "subscribed":
+                self._caught_up(msg["node"])
+            elif msg["pattern"] == self.keys.wake_pattern:
+                self.store.note_wake(msg["channel"], msg["data"])  # type: ignore[attr-defined]
+                self.wake.set()
+            else:
+                out.append(msg)
+        if events.live():
+            self.subscribed.set()
+        else:
+            self.subscribed.clear()
+        return out
+
     @staticmethod
-    def _read_events(pubsub: redis.client.PubSub, timeout_s: float) -> list[dict[str, Any]]:
+    def _read_events(pubsub: Any, timeout_s: float) -> list[dict[str, Any]]:
         """Up to EVENT_BATCH messages: waits up to `timeout_s` for the first, takes what
         else is there."""
         batch: list[dict[str, Any]] = []

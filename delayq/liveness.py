@@ -30,6 +30,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -311,7 +312,10 @@ class Liveness:
 
 def _probe_client(client: redis.Redis) -> redis.Redis:
     """A client for the same server as `client` that gives up after PROBE_TIMEOUT_S and
-    does not retry: the listener's own client waits as long as a command takes."""
+    does not retry: the listener's own client waits as long as a command takes. On a
+    cluster, a client of the same nodes whose PING asks every primary."""
+    if isinstance(client, RedisCluster):
+        return _ClusterProbe(client)  # type: ignore[return-value,unused-ignore]
     pool = client.connection_pool
     kwargs = {
         **pool.connection_kwargs,
@@ -323,3 +327,37 @@ def _probe_client(client: redis.Redis) -> redis.Redis:
         connection_class=pool.connection_class, max_connections=1, **kwargs
     )
     return redis.Redis(connection_pool=probe_pool)
+
+
+class _ClusterProbe:
+    """PING every primary of a cluster, each on a connection of its own with a timeout."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+        self._clients: dict[str, redis.Redis] = {}
+
+    def ping(self) -> bool:
+        for node in self.cluster.get_primaries():  # type: ignore[no-untyped-call]
+            client = self._clients.get(node.name)
+            if client is None:
+                client = redis.Redis(
+                    connection_pool=redis.ConnectionPool(
+                        max_connections=1,
+                        **{
+                            **node.redis_connection.connection_pool.connection_kwargs,
+                            "socket_timeout": PROBE_TIMEOUT_S,
+                            "socket_connect_timeout": PROBE_TIMEOUT_S,
+                            "retry": Retry(NoBackoff(), 0),
+                        },
+                    )
+                )
+                self._clients[node.name] = client
+            try:
+                client.ping()
+            except redis.RedisError as exc:
+                raise type(exc)(f"{node.name}: {exc}") from exc
+        return True
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()

@@ -30,12 +30,13 @@ from typing import Any, cast
 import redis
 import sqlalchemy as sa
 from redis.commands.core import Script
-from redis.exceptions import NoPermissionError
+from redis.exceptions import MovedError, NoPermissionError
 from sqlalchemy.engine import Engine
 
 from delayq import db
 from delayq.actions import Applier, utcnow
 from delayq.actions.builtin import StatusChange, builtin_actions
+from delayq.cluster.slots import slot_of
 from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
 from delayq.keys import Keys
 from delayq.redis_conn import Scripts, client_url, unreachable
@@ -164,10 +165,21 @@ _ROLE_SCRIPTS = {
 }
 
 
+def _probe_key_in(keys: Keys) -> str:
+    """The probe timer key: in a cluster partition, one that hashes to its slot (a script
+    may touch one slot only)."""
+    if keys.slot is None:
+        return PROBE_KEY
+    n = 0
+    while slot_of(key := f"{PROBE_ORDER_SN}-{n}:cancel") != keys.slot:
+        n += 1
+    return key
+
+
 def _script_calls(keys: Keys, role: str) -> dict[str, tuple[list[str], list[Any]]]:
     """Each of the role's scripts with (keys, args) that find nothing to do, built by the
     store exactly as the real calls are."""
-    calls = TimerStore.noop_calls_for(keys, PROBE_KEY)
+    calls = TimerStore.noop_calls_for(keys, _probe_key_in(keys))
     return {name: calls[name] for name in _ROLE_SCRIPTS[role]}
 
 
@@ -220,6 +232,8 @@ def _check_timer_keys(client: redis.Redis, user: str, role: str, suffixes: Seque
         args = ("SET", key, "1", "XX", "KEEPTTL") if role == "producer" else ("PTTL", key)
         try:
             client.execute_command(*args)  # type: ignore[no-untyped-call]
+        except MovedError:
+            continue  # a cluster: probed on the primary that serves the key
         except NoPermissionError:
             raise NotReady(
                 f"Redis user {user!r} may not touch timer keys of {suffix!r}: add the key "
@@ -240,6 +254,8 @@ def _run(client: redis.Redis, user: str, command: _Command) -> None:
             raise NotReady(_redis_denied(user, command.name, command.on, exc)) from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise _redis_unreachable(client, exc) from None
+        except MovedError:
+            return  # a cluster: the key lives on another primary, whose check probes it
         except redis.ResponseError as exc:
             raise NotReady(f"Redis refused {command.name!r}{command.on}: {_line(exc)}") from None
 

@@ -14,7 +14,7 @@ from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
 from delayq.keys import Keys, timer_key
 from delayq.redis_conn import client_url, connect, keys_for, unreachable
 from delayq.settings import Settings
-from delayq.store import CANCELLED, TimerStore
+from delayq.store import CANCELLED, open_store
 from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
 
 DEFAULT_ACTION = "cancel"
@@ -30,16 +30,30 @@ Item = tuple[str, Delay | datetime] | tuple[str, Delay | datetime, str]
 class Producer:
     """Writes and removes timers. Thread-safe: it holds a redis-py connection pool."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
         self.client = client
         self.keys = keys
-        self.store = TimerStore(client, keys)
+        self.store = open_store(
+            client, keys, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Producer:
         settings = settings or Settings.load()
         client = connect(settings)
-        return cls(client, keys_for(client, settings))
+        return cls(
+            client,
+            keys_for(client, settings),
+            wait_replicas=settings.wait_replicas,
+            wait_timeout_ms=settings.wait_timeout_ms,
+        )
 
     def schedule(
         self,
@@ -71,10 +85,7 @@ class Producer:
         while chunks := [
             c for c in (list(islice(it, BULK_CHUNK)) for _ in range(BULK_PIPELINE_DEPTH)) if c
         ]:
-            pipe = self.client.pipeline(transaction=False)
-            for chunk in chunks:
-                self.store.schedule(chunk, pipe)
-            self._run(pipe.execute)
+            self._run(lambda: self.store.schedule_bulk(chunks))
         return len(prepared)
 
     def cancel(self, order_sn: str, *, action: str = DEFAULT_ACTION) -> bool:

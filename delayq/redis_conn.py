@@ -7,8 +7,10 @@ from importlib.resources import files
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
+from delayq.cluster.url import connect_cluster, is_cluster_url
 from delayq.errors import NotReady, ServiceUnavailable
 from delayq.keys import Keys, checked_db
 from delayq.settings import Settings, mask_url
@@ -45,7 +47,9 @@ def redis_url(settings: Settings) -> str:
 
 
 def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
-    """A client for the timer DB that has been checked to answer."""
+    """A client for the timer DB that has been checked to answer. For a
+    `redis+cluster://` URL it is a RedisCluster (typed as redis.Redis: the commands delayq
+    sends to it directly are the single-key ones both have)."""
     url = redis_url(settings)
     opts: dict[str, Any] = {
         "decode_responses": True,
@@ -54,6 +58,11 @@ def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
     }
     opts.update(kwargs)
     try:
+        if is_cluster_url(url):
+            opts.pop("health_check_interval")
+            cluster = connect_cluster(url, **opts)
+            cluster.ping(target_nodes=cluster.PRIMARIES)
+            return cluster  # type: ignore[return-value]
         client: redis.Redis = redis.Redis.from_url(url, **opts)
         client.ping()
     except redis.RedisError as exc:
@@ -61,8 +70,16 @@ def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
     return client
 
 
+def is_cluster(client: object) -> bool:
+    """Whether `client` talks to a Redis Cluster."""
+    return isinstance(client, RedisCluster)
+
+
 def client_url(client: redis.Redis) -> str:
     """A URL for what `client` talks to (no password: it is for messages)."""
+    if isinstance(client, RedisCluster):
+        seeds = ",".join(f"{n.host}:{n.port}" for n in client.get_primaries())
+        return f"redis+cluster://{seeds}"
     kw = client.connection_pool.connection_kwargs
     db = kw.get("db", 0) or 0
     if "path" in kw:
@@ -90,6 +107,8 @@ def server_identity(client: redis.Redis) -> str:
 
 
 def keys_for(client: redis.Redis, settings: Settings) -> Keys:
+    if isinstance(client, RedisCluster):
+        return Keys(namespace=settings.namespace, db=0)
     db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
     return Keys(namespace=settings.namespace, db=checked_db(db))
 

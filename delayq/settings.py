@@ -82,6 +82,11 @@ class Settings:
     database_url: str | None = None
     #: Where embedded data lives (SQLite file, embedded Redis socket, AOF and logs).
     home: Path = field(default_factory=_default_home)
+    #: Replicas that must confirm each schedule and cancel (Redis WAIT) before it returns,
+    #: so that a failover cannot lose a timer the producer was told is set; 0: don't wait.
+    wait_replicas: int = 0
+    #: How long a producer waits for those confirmations before raising NotReplicated.
+    wait_timeout_ms: int = 1000
     #: Prefix of delayq's own Redis keys (index, claims, dead letters); timer keys have none.
     namespace: str = "delayq"
     #: The orders table and its columns: point these at your own table if you have one.
@@ -238,6 +243,10 @@ class Settings:
         for name in ("db_timeout_s", "batch_timeout_s", "external_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"DELAYQ_{name.upper()}: must be > 0")
+        if not 0 <= self.wait_replicas <= 16:
+            raise InvalidInput("DELAYQ_WAIT_REPLICAS: must be between 0 and 16")
+        if not 1 <= self.wait_timeout_ms <= 600_000:
+            raise InvalidInput("DELAYQ_WAIT_TIMEOUT_MS: must be between 1 and 600000")
         if not 1 <= self.external_concurrency <= 256:
             raise InvalidInput("DELAYQ_EXTERNAL_CONCURRENCY: must be between 1 and 256")
         self._validate_actions()
@@ -287,7 +296,11 @@ class Settings:
 
     def _validate_urls(self) -> None:
         # Checked here, before anything connects or the embedded Redis starts.
-        if self.redis_url:
+        if self.redis_url and urlsplit(self.redis_url).scheme.endswith("+cluster"):
+            from delayq.cluster.url import parse_cluster_url
+
+            parse_cluster_url(self.redis_url)
+        elif self.redis_url:
             try:
                 bad = urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix")
                 redis.connection.parse_url(self.redis_url)  # type: ignore[no-untyped-call]
@@ -296,7 +309,7 @@ class Settings:
             if bad:
                 raise InvalidInput(
                     f"DELAYQ_REDIS_URL: {mask_url(self.redis_url)} is not a valid redis://, "
-                    "rediss:// or unix:// URL"
+                    "rediss://, unix:// or redis+cluster:// URL"
                 )
         if self.database_url:
             try:

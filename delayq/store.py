@@ -29,8 +29,10 @@ from itertools import islice
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
-from delayq.keys import Keys, firing_id, parse_firing_id, shard_of
+from delayq.errors import NotReplicated
+from delayq.keys import Keys, firing_id, parse_firing_id
 from delayq.redis_conn import Scripts
 
 #: Dead letters re-queued per script call, so that re-queuing 100,000 holds Redis only
@@ -89,41 +91,68 @@ class TimerState:
 CANCELLED, NOT_PENDING, FIRING_NOW = 1, 0, -1
 
 
-class TimerStore:
-    """delayq's keys in one Redis (one DB), driven through the scripts. Thread-safe."""
+#: A timer to schedule: (timer key, 'in' | 'at', ms).
+Timer = tuple[str, str, int]
 
-    def __init__(self, client: redis.Redis, keys: Keys, scripts: Scripts | None = None) -> None:
+
+class TimerStore:
+    """delayq's keys in one Redis (one DB), driven through the scripts. Thread-safe.
+
+    With `wait_replicas`, producers' writes (schedule, cancel) return only once that many
+    replicas confirmed them (WAIT), so that a failover cannot lose an acknowledged timer;
+    after `wait_timeout_ms` without enough confirmations they raise NotReplicated."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        scripts: Scripts | None = None,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.scripts = scripts or Scripts.register(client)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
 
     # -- producers -----------------------------------------------------------------------
 
-    def schedule(
-        self, timers: Sequence[tuple[str, str, int]], pipe: redis.client.Pipeline | None = None
-    ) -> list[int]:
-        """Arm or move timers, given as (timer key, 'in' | 'at', ms). Returns each due time
-        (epoch ms), or nothing when queued on `pipe`."""
-        keys = [self.keys.heads]
-        args: list[Any] = [self.keys.wake_channel]
-        for key, mode, value in timers:
-            keys += [key, self.keys.shard(key)]
-            args += [mode, value, shard_of(key)]
-        if pipe is not None:
-            self.scripts.schedule(keys=keys, args=args, client=pipe)
-            return []
-        return [int(d) for d in self.scripts.schedule(keys=keys, args=args)]
+    def schedule(self, timers: Sequence[Timer]) -> list[int]:
+        """Arm or move timers. Returns each due time (epoch ms)."""
+        keys, args = schedule_call(self.keys, timers)
+        return [int(d) for d in self._write([(self.scripts.schedule, keys, args)])[0]]
+
+    def schedule_bulk(self, chunks: Sequence[Sequence[Timer]]) -> None:
+        """Schedule chunks of timers in one pipelined round trip (one script call each)."""
+        self._write([(self.scripts.schedule, *schedule_call(self.keys, c)) for c in chunks])
 
     def cancel(self, key: str) -> int:
         """Disarm a timer: CANCELLED (no firing of it will apply after this returns),
         NOT_PENDING (nothing was pending), or FIRING_NOW (the pending schedule is gone, but
         an earlier firing is being applied)."""
-        keys, args = _cancel_call(self.keys, [key])
-        return int(self.scripts.cancel(keys=keys, args=args)[0])
+        keys, args = cancel_call(self.keys, [key])
+        return int(self._write([(self.scripts.cancel, keys, args)])[0][0])
+
+    def _write(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
+        """A producer's script calls, in one round trip, and WAIT on the same connection."""
+        if len(calls) == 1 and not self.wait_replicas:
+            script, keys, args = calls[0]
+            return [script(keys=keys, args=args)]
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            script(keys=keys, args=args, client=pipe)
+        if not self.wait_replicas:
+            return list(pipe.execute())
+        pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        *results, confirmed = pipe.execute()
+        check_replicated(int(confirmed), self.wait_replicas, self.wait_timeout_ms)
+        return results
 
     def claim_due(self, limit: int, lease_ms: int) -> Claim:
         """Claim up to `limit` firings: those whose lease ran out first, then those due."""
-        keys, args = _claim_due_call(self.keys, limit, lease_ms)
+        keys, args = claim_due_call(self.keys, limit, lease_ms)
         raw = self.scripts.claim_due(keys=keys, args=args)
         reclaimed = int(raw[2])
         ids = [str(fid) for fid in raw[3:]]
@@ -147,19 +176,19 @@ class TimerStore:
     def claim_expired(self, timer_keys: Sequence[str], lease_ms: int) -> list[Firing]:
         """Claim what 'expired' events name: a due index entry, or a key with none that no
         listener is firing or fired lately (a legacy timer whose 'expire' event was missed)."""
-        keys, args = _claim_expired_call(self.keys, timer_keys, lease_ms)
+        keys, args = claim_expired_call(self.keys, timer_keys, lease_ms)
         return [
             Firing.from_id(str(fid)) for fid in self.scripts.claim_expired(keys=keys, args=args)
         ]
 
     def adopt(self, timer_keys: Sequence[str]) -> int:
         """Index TTL keys that producers outside delayq set, at their expiry time."""
-        keys, args = _adopt_call(self.keys, timer_keys)
+        keys, args = adopt_call(self.keys, timer_keys)
         return int(self.scripts.adopt(keys=keys, args=args))
 
     def forget(self, timer_keys: Sequence[str]) -> int:
         """Drop the pending schedules of keys deleted before their due time."""
-        keys, args = _forget_call(self.keys, timer_keys)
+        keys, args = forget_call(self.keys, timer_keys)
         return int(self.scripts.forget(keys=keys, args=args))
 
     def scan_timers(self, cursor: int, count: int) -> tuple[int, list[str]]:
@@ -173,7 +202,7 @@ class TimerStore:
 
     def ack(self, firing_ids: Sequence[str], recent_window_ms: int) -> None:
         """Forget firings whose outcome is committed; only these firings are touched."""
-        keys, args = _ack_call(self.keys, list(dict.fromkeys(firing_ids)), recent_window_ms)
+        keys, args = ack_call(self.keys, list(dict.fromkeys(firing_ids)), recent_window_ms)
         self.scripts.ack(keys=keys, args=args)
 
     def retry_later(
@@ -187,7 +216,7 @@ class TimerStore:
     ) -> int:
         """Count a failed attempt of each firing still claimed: retry after a backoff, or
         dead-letter it. Returns how many were dead-lettered."""
-        keys, args = _retry_later_call(
+        keys, args = retry_later_call(
             self.keys,
             list(dict.fromkeys(firing_ids)),
             max_attempts,
@@ -199,7 +228,7 @@ class TimerStore:
 
     def release(self, firing_ids: Sequence[str]) -> None:
         """Hand claimed firings back: claimable again at once, by any listener."""
-        keys, args = _release_call(self.keys, firing_ids)
+        keys, args = release_call(self.keys, firing_ids)
         self.scripts.release(keys=keys, args=args)
 
     def requeue_dead(self, names: Iterable[str] = ()) -> int:
@@ -209,7 +238,7 @@ class TimerStore:
         fields = self._dead_fields(list(names))
         n = 0
         while chunk := list(islice(fields, REQUEUE_CHUNK)):
-            keys, args = _retry_dead_call(self.keys, chunk)
+            keys, args = retry_dead_call(self.keys, chunk)
             n += int(self.scripts.retry_dead(keys=keys, args=args))
         return n
 
@@ -259,7 +288,7 @@ class TimerStore:
     def renew(self, firing_ids: Sequence[str], lease_ms: int) -> int:
         """Extend the leases of claimed firings still being worked on (an external call
         queued or under way); firings no longer claimed are left alone."""
-        keys, args = _renew_call(self.keys, firing_ids, lease_ms)
+        keys, args = renew_call(self.keys, firing_ids, lease_ms)
         return int(self.scripts.renew(keys=keys, args=args))
 
     def heartbeat(self, listener_id: str) -> None:
@@ -273,65 +302,93 @@ class TimerStore:
         k = keys
         return {
             "schedule": ([k.heads], [k.wake_channel]),
-            "cancel": _cancel_call(k, [probe_key]),
-            "claim_due": _claim_due_call(k, 0, 1),
-            "claim_expired": _claim_expired_call(k, [], 1),
-            "adopt": _adopt_call(k, [probe_key]),
-            "forget": _forget_call(k, []),
+            "cancel": cancel_call(k, [probe_key]),
+            "claim_due": claim_due_call(k, 0, 1),
+            "claim_expired": claim_expired_call(k, [], 1),
+            "adopt": adopt_call(k, [probe_key]),
+            "forget": forget_call(k, []),
             # A window longer than the epoch: trims no tombstone.
-            "ack": _ack_call(k, [], 10**15),
-            "retry_later": _retry_later_call(k, [], 1, 1, 1, "-"),
-            "release": _release_call(k, []),
-            "renew": _renew_call(k, [], 1),
-            "retry_dead": _retry_dead_call(k, []),
+            "ack": ack_call(k, [], 10**15),
+            "retry_later": retry_later_call(k, [], 1, 1, 1, "-"),
+            "release": release_call(k, []),
+            "renew": renew_call(k, [], 1),
+            "retry_dead": retry_dead_call(k, []),
         }
 
 
-def _with_shards(timer_keys: Iterable[str]) -> list[str | int]:
+def check_replicated(confirmed: int, wanted: int, timeout_ms: int) -> None:
+    """Raise NotReplicated when WAIT saw fewer replicas than wanted."""
+    if confirmed < wanted:
+        raise NotReplicated(
+            f"the write reached the Redis primary, but only {confirmed} of "
+            f"{wanted} replicas (DELAYQ_WAIT_REPLICAS) confirmed it within {timeout_ms} ms: "
+            "it would be lost if the primary failed over now"
+        )
+
+
+def schedule_call(k: Keys, timers: Sequence[Timer]) -> tuple[list[str], list[Any]]:
+    keys = [k.heads]
+    args: list[Any] = [k.wake_channel]
+    for key, mode, value in timers:
+        keys += [key, k.shard(key)]
+        args += [mode, value, k.shard_id(key)]
+    return keys, args
+
+
+def with_shards(k: Keys, timer_keys: Iterable[str]) -> list[str | int]:
     out: list[str | int] = []
     for key in timer_keys:
-        out += [key, shard_of(key)]
+        out += [key, k.shard_id(key)]
     return out
+
+
+def _declared(k: Keys, timer_keys: Sequence[str] = ()) -> list[str]:
+    """In a cluster, the keys a script reaches through its arguments (the slot's index
+    shard, the timer keys it reads) are declared too: while a slot migrates, Redis then
+    answers ASK or TRYAGAIN instead of running the script on half of the slot's keys."""
+    if k.slot is None:
+        return []
+    return [f"{k.shard_prefix}0", *timer_keys]
 
 
 def _glob_escape(text: str) -> str:
     return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
-def _cancel_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
+def cancel_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
     keys = [k.heads, k.recent, k.claims_per_key]
     for key in timer_keys:
         keys += [key, k.shard(key)]
-    return keys, [shard_of(key) for key in timer_keys]
+    return keys, [k.shard_id(key) for key in timer_keys]
 
 
 # -- listeners: claiming -------------------------------------------------------------
 
 
-def _claim_due_call(k: Keys, limit: int, lease_ms: int) -> tuple[list[str], list[Any]]:
+def claim_due_call(k: Keys, limit: int, lease_ms: int) -> tuple[list[str], list[Any]]:
     return (
-        [k.heads, k.claims, k.claims_per_key, k.inflight, k.inflight_due],
+        [k.heads, k.claims, k.claims_per_key, k.inflight, k.inflight_due, *_declared(k)],
         [limit, lease_ms, k.shard_prefix],
     )
 
 
-def _claim_expired_call(
+def claim_expired_call(
     k: Keys, timer_keys: Sequence[str], lease_ms: int
 ) -> tuple[list[str], list[Any]]:
-    return [k.heads, k.claims, k.claims_per_key, k.recent], [
+    return [k.heads, k.claims, k.claims_per_key, k.recent, *_declared(k)], [
         lease_ms,
         k.shard_prefix,
-        *_with_shards(timer_keys),
+        *with_shards(k, timer_keys),
     ]
 
 
-def _ack_call(
+def ack_call(
     k: Keys, firing_ids: Sequence[str], recent_window_ms: int
 ) -> tuple[list[str], list[Any]]:
     return [k.claims, k.claims_per_key, k.attempts, k.recent], [recent_window_ms, *firing_ids]
 
 
-def _retry_later_call(
+def retry_later_call(
     k: Keys,
     firing_ids: Sequence[str],
     max_attempts: int,
@@ -348,21 +405,48 @@ def _retry_later_call(
     ]
 
 
-def _adopt_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
-    return [k.heads], [k.wake_channel, k.shard_prefix, *_with_shards(timer_keys)]
+def adopt_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
+    return [k.heads, *_declared(k, timer_keys)], [
+        k.wake_channel,
+        k.shard_prefix,
+        *with_shards(k, timer_keys),
+    ]
 
 
-def _forget_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
-    return [k.heads], [k.shard_prefix, *_with_shards(timer_keys)]
+def forget_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
+    return [k.heads, *_declared(k, timer_keys)], [k.shard_prefix, *with_shards(k, timer_keys)]
 
 
-def _release_call(k: Keys, firing_ids: Sequence[str]) -> tuple[list[str], list[Any]]:
+def release_call(k: Keys, firing_ids: Sequence[str]) -> tuple[list[str], list[Any]]:
     return [k.claims], list(firing_ids)
 
 
-def _renew_call(k: Keys, firing_ids: Sequence[str], lease_ms: int) -> tuple[list[str], list[Any]]:
+def renew_call(k: Keys, firing_ids: Sequence[str], lease_ms: int) -> tuple[list[str], list[Any]]:
     return [k.claims], [lease_ms, *firing_ids]
 
 
-def _retry_dead_call(k: Keys, fields: Sequence[str]) -> tuple[list[str], list[Any]]:
+def retry_dead_call(k: Keys, fields: Sequence[str]) -> tuple[list[str], list[Any]]:
     return [k.claims, k.claims_per_key, k.dead, k.attempts], [k.wake_channel, *fields]
+
+
+def open_store(
+    client: redis.Redis,
+    keys: Keys,
+    scripts: Scripts | None = None,
+    *,
+    wait_replicas: int = 0,
+    wait_timeout_ms: int = 1000,
+) -> TimerStore:
+    """The store for `client`: a TimerStore on one Redis, a ClusterStore (same methods)
+    on a Redis Cluster."""
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        from delayq.cluster.store import ClusterStore
+
+        return ClusterStore(
+            client, keys, scripts, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms
+        )
+    return TimerStore(
+        client, keys, scripts, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms
+    )

@@ -1,0 +1,225 @@
+"""Script calls of many slots, pipelined per primary.
+
+redis-py's RedisCluster routes one command at a time; delayq needs more: a bulk schedule
+or a claim of many slots in one round trip per primary, WAIT on the very connection that
+wrote (WAIT counts that connection's writes), and a primary that is down failing only
+its own slots' calls. Each call is retried where Redis says it may be: MOVED (the slot
+moved: the topology is read again), ASK (the slot is migrating: ASKING on the target),
+TRYAGAIN (a multi-key call during a migration), CLUSTERDOWN and NOSCRIPT (a promoted
+replica has not loaded the scripts yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    TryAgainError,
+)
+
+from delayq.store import check_replicated
+
+log = logging.getLogger("delayq.cluster")
+
+#: How long a call keeps being retried through a failover or a migration, by default.
+RETRY_S = 10.0
+#: Topology reads at most this often when calls keep being redirected.
+MIN_REFRESH_S = 0.1
+#: Errors after which a call is retried (the slot's primary changes, or will).
+RETRIABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    TryAgainError,
+    ClusterDownError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One script call, within one slot."""
+
+    slot: int
+    script: Script
+    keys: list[str]
+    args: list[Any]
+
+
+class Router:
+    """Runs calls on the primaries of their slots. Thread-safe."""
+
+    def __init__(
+        self, cluster: RedisCluster, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000
+    ) -> None:
+        self.cluster = cluster
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._lock = threading.Lock()
+        self._refreshed_at = 0.0
+        #: Bumped on every topology read: lets others notice a change.
+        self.generation = 0
+
+    def primary_of(self, slot: int) -> ClusterNode:
+        node: ClusterNode = self.cluster.nodes_manager.get_node_from_slot(slot)
+        return node
+
+    def primaries(self) -> list[ClusterNode]:
+        return list(self.cluster.get_primaries())  # type: ignore[no-untyped-call]
+
+    def refresh_topology(self, *, force: bool = False) -> None:
+        """Read the slot map again (at most every MIN_REFRESH_S unless forced)."""
+        with self._lock:
+            if not force and time.monotonic() - self._refreshed_at < MIN_REFRESH_S:
+                return
+            self._refreshed_at = time.monotonic()
+            self.cluster.nodes_manager.initialize()
+            self.generation += 1
+
+    def node_client(self, node: ClusterNode) -> redis.Redis:
+        client: redis.Redis = self.cluster.get_redis_connection(node)
+        return client
+
+    def run(
+        self,
+        calls: Sequence[Call],
+        *,
+        wait: bool = False,
+        retry_s: float = RETRY_S,
+        raise_on_error: bool = True,
+    ) -> list[Any]:
+        """Each call's reply, in order. With `wait`, each primary's pipeline ends with
+        WAIT DELAYQ_WAIT_REPLICAS (NotReplicated if too few confirm). Retriable errors are
+        retried for up to `retry_s`; then, or for any other error, the error is raised,
+        or with raise_on_error=False returned in the call's place (other slots' replies
+        still come back)."""
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        asking: dict[int, ClusterNode] = {}
+        deadline = time.monotonic() + retry_s
+        pause = 0.01
+        while pending:
+            again, refresh = self._run_once(calls, pending, asking, results, wait=wait)
+            if not again:
+                break
+            if time.monotonic() >= deadline:
+                break
+            if refresh:
+                try:
+                    self.refresh_topology()
+                except redis.RedisError as exc:
+                    log.debug("cluster topology not read: %s", exc)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+            pending = again
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return results
+
+    def _run_once(
+        self,
+        calls: Sequence[Call],
+        pending: list[int],
+        asking: dict[int, ClusterNode],
+        results: list[Any],
+        *,
+        wait: bool,
+    ) -> tuple[list[int], bool]:
+        """One round: each primary's calls in one pipeline. Returns (calls to retry,
+        whether the topology should be read again)."""
+        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+        again: list[int] = []
+        refresh = False
+        for i in pending:
+            try:
+                node = asking.get(i) or self.primary_of(calls[i].slot)
+            except (redis.RedisError, IndexError) as exc:  # no primary known for the slot
+                results[i] = (
+                    exc
+                    if isinstance(exc, redis.RedisError)
+                    else ClusterDownError(f"no primary for slot {calls[i].slot}")
+                )
+                again.append(i)
+                refresh = True
+                continue
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        for node, idxs in by_node.values():
+            try:
+                replies = self._pipeline(node, [calls[i] for i in idxs], idxs, asking, wait)
+            except RETRIABLE as exc:
+                for i in idxs:
+                    results[i] = exc
+                again += idxs
+                refresh = True
+                continue
+            for i, reply in zip(idxs, replies, strict=True):
+                results[i] = reply
+                if isinstance(reply, MovedError):
+                    asking.pop(i, None)
+                    again.append(i)
+                    refresh = True
+                elif isinstance(reply, AskError):
+                    target = self._node_at(reply.host, reply.port)
+                    if target is None:
+                        refresh = True
+                    else:
+                        asking[i] = target
+                    again.append(i)
+                elif isinstance(reply, NoScriptError):
+                    self.node_client(node).script_load(calls[i].script.script)
+                    again.append(i)
+                elif isinstance(reply, RETRIABLE):
+                    again.append(i)
+                    refresh = refresh or not isinstance(reply, TryAgainError)
+                elif not isinstance(reply, Exception):
+                    asking.pop(i, None)
+        return again, refresh
+
+    def _pipeline(
+        self,
+        node: ClusterNode,
+        calls: list[Call],
+        idxs: list[int],
+        asking: dict[int, ClusterNode],
+        wait: bool,
+    ) -> list[Any]:
+        pipe = self.node_client(node).pipeline(transaction=False)
+        for i, call in zip(idxs, calls, strict=True):
+            if i in asking:
+                pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        if wait:
+            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        raw = pipe.execute(raise_on_error=False)
+        if wait:
+            *raw, confirmed = raw
+            if isinstance(confirmed, Exception):
+                raise confirmed
+            check_replicated(int(confirmed), self.wait_replicas, self.wait_timeout_ms)
+        replies: list[Any] = []
+        it = iter(raw)
+        for i in idxs:
+            if i in asking:
+                next(it)  # ASKING's OK
+            replies.append(next(it))
+        return replies
+
+    def _node_at(self, host: str, port: int | str) -> ClusterNode | None:
+        node: ClusterNode | None = self.cluster.get_node(  # type: ignore[no-untyped-call]
+            host=host, port=int(port)
+        )
+        return node

@@ -37,6 +37,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from delayq import migrate
 from delayq.actions import Applier
 from delayq.bench_actions import SCENARIOS, Scenario, terminate
+from delayq.bench_cluster import (
+    PrimaryShares,
+    bench_client,
+    flush,
+    info_sum,
+    scratch_cluster,
+    server_version,
+    subscribed,
+)
+from delayq.cluster.url import is_cluster_url
 from delayq.db import make_engine, outcomes
 from delayq.embedded import redis_server_binary
 from delayq.errors import InvalidInput, ServiceUnavailable
@@ -69,6 +79,8 @@ class BenchConfig:
     #: Listener settings under test (None: the defaults).
     batch_size: int | None = None
     appliers: int | None = None
+    #: Start a scratch Redis Cluster of this many primaries (0: one redis-server).
+    cluster: int = 0
 
     @property
     def measured(self) -> int:
@@ -81,6 +93,10 @@ class BenchConfig:
             raise InvalidInput("the run would fire no timer: raise --rate or --duration")
         if self.action not in SCENARIOS:
             raise InvalidInput(f"--action {self.action}: choose one of {', '.join(SCENARIOS)}")
+        if self.cluster and self.redis_url:
+            raise InvalidInput("give --cluster N (a scratch cluster) or --redis-url, not both")
+        if self.naive and (self.cluster or is_cluster_url(self.redis_url)):
+            raise InvalidInput("--naive subscribes to one server: it does not run on a cluster")
         if self.naive and self.action != "cancel":
             raise InvalidInput("--naive runs the built-in cancel only: drop --action or --naive")
 
@@ -105,6 +121,8 @@ class RunResult:
     #: The action's work, counted where it is done (orders cancelled, stock rows updated,
     #: requests received): equal to `fired` when each timer's work was done once.
     effects: int
+    #: On a cluster: each primary's commands and memory, and their shares.
+    primaries: list[dict[str, Any]] = field(default_factory=list)
     samples: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
 
@@ -130,12 +148,17 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def scratch_redis(url: str | None) -> Iterator[str]:
-    """The given Redis, or a private redis-server in a temporary directory."""
+def scratch_redis(url: str | None, cluster: int = 0) -> Iterator[str]:
+    """The given Redis, or a private redis-server (or cluster of `cluster` primaries) in a
+    temporary directory."""
     if url:
         yield url
         return
     binary = redis_server_binary(Settings())
+    if cluster:
+        with scratch_cluster(cluster, binary, _free_port, _wait, _terminate) as cluster_url:
+            yield cluster_url
+        return
     with tempfile.TemporaryDirectory(prefix="delayq-bench-redis-") as tmp:
         port = _free_port()
         proc = subprocess.Popen(
@@ -239,7 +262,7 @@ class Run:
             database_url=database_url,
             **{k: v for k, v in tuned.items() if v is not None},
         )
-        self.client = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.client = bench_client(redis_url)
         self.keys = Keys()
         self.engine = make_engine(self.settings)
         self.scheduling_s = 0.0  # time spent in schedule_many (or SET for naive)
@@ -247,13 +270,13 @@ class Run:
 
     def prepare(self) -> float:
         """Tables, the action's rows, pending timers. Returns Redis bytes per pending timer."""
-        self.client.flushdb()
+        flush(self.client)
         migrate.upgrade(self.engine, self.settings)
         task = self.progress.add_task(f"preparing {self.scenario.name}", total=None)
         with self.engine.begin() as conn:
             self.scenario.prepare(conn, self.orders)
         self.progress.remove_task(task)
-        before = int(self.client.info("memory")["used_memory"])
+        before = info_sum(self.client, "memory", "used_memory")
         task = self.progress.add_task(
             f"pre-loading {self.cfg.pending:,} pending", total=self.cfg.pending
         )
@@ -263,7 +286,7 @@ class Run:
             self._preload(i, n)
             self.progress.advance(task, n)
         took = time.perf_counter() - started
-        after = int(self.client.info("memory")["used_memory"])
+        after = info_sum(self.client, "memory", "used_memory")
         per_timer = (after - before) / self.cfg.pending if self.cfg.pending else float("nan")
         self.scheduling_s += took
         return per_timer
@@ -375,8 +398,7 @@ def listener_process(
 
 
 def _subscribed(settings: Settings) -> bool:
-    with contextlib.closing(redis.Redis.from_url(settings.redis_url or "")) as c:
-        return int(c.pubsub_numpat()) > 0
+    return subscribed(settings.redis_url or "")
 
 
 class NaiveListener:
@@ -413,7 +435,7 @@ class NaiveListener:
 def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> RunResult:
     scenario = SCENARIOS[cfg.action]()
     with (
-        scratch_redis(cfg.redis_url) as redis_url,
+        scratch_redis(cfg.redis_url, cfg.cluster) as redis_url,
         scratch_database(cfg.database_url) as db_url,
         contextlib.ExitStack() as stack,
     ):
@@ -429,6 +451,7 @@ def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> 
         else:
             listener_cm = contextlib.nullcontext()
         with listener_cm as proc:
+            shares = PrimaryShares(run.client) if is_cluster_url(redis_url) else None
             cpu0 = _cpu_s(proc.pid) if proc else 0.0
             wall0 = time.monotonic()
             due = run.schedule_measured()
@@ -444,13 +467,14 @@ def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> 
                     progress.update(task, completed=fired)
             drain_end = time.monotonic()
             cpu = (_cpu_s(proc.pid) - cpu0) / (drain_end - wall0) * 100 if proc else 0.0
+            primaries = shares.report() if shares else []
         with run.engine.connect() as conn:
             effects = scenario.effects(conn)
         samples, distinct, duplicates, early = run.collect(due)
         late = [s[1] for s in samples]
         first_due = LEAD_S
         span = max(0.001, drain_end - wall0 - first_due)
-        peak = int(run.client.info("memory")["used_memory_peak"]) / 1e6
+        peak = info_sum(run.client, "memory", "used_memory_peak") / 1e6
         return RunResult(
             mode=mode,
             action=scenario.action,
@@ -465,9 +489,10 @@ def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> 
             schedule_per_s=round((cfg.pending + len(due)) / max(run.scheduling_s, 1e-9)),
             redis_bytes_per_pending=round(per_timer, 1) if cfg.pending else None,
             redis_peak_mb=round(peak, 1),
-            redis_version=str(run.client.info("server")["redis_version"]),
+            redis_version=server_version(run.client),
             listener_cpu_pct=round(cpu, 1),
             effects=effects,
+            primaries=primaries,
             samples=samples,
         )
 
@@ -497,7 +522,11 @@ def run_bench(
         "config": asdict(cfg)
         | {
             "database_url": mask_url(cfg.database_url or "sqlite (temporary)"),
-            "redis_url": mask_url(cfg.redis_url or "redis-server (temporary)"),
+            "redis_url": mask_url(
+                cfg.redis_url
+                or (f"cluster of {cfg.cluster} (temporary)" if cfg.cluster else None)
+                or "redis-server (temporary)"
+            ),
         },
         "runs": [{k: v for k, v in asdict(r).items() if k != "samples"} for r in results],
     }
@@ -521,6 +550,11 @@ def _summary(r: RunResult) -> str:
     per_timer = "n/a" if r.redis_bytes_per_pending is None else f"{r.redis_bytes_per_pending:.0f}"
     lat_text = " ".join(f"{k} {v:,.1f}" for k, v in lat.items()) if lat else "n/a"
     what = r.mode if r.action == "cancel" else f"{r.mode} {r.action}"
+    spread = ""
+    if r.primaries:
+        spread = "; per primary (commands/memory): " + ", ".join(
+            f"{p['node']} {p['commands_share']:.0%}/{p['memory_share']:.0%}" for p in r.primaries
+        )
     return (
         f"{what}: fired {r.fired:,}/{r.scheduled:,}, lost {r.lost:,} (not fired by the end), "
         f"duplicates {r.duplicates}, "
@@ -528,6 +562,7 @@ def _summary(r: RunResult) -> str:
         f"{r.throughput_per_s:,.0f}/s; "
         f"Redis {per_timer} B/pending timer, peak {r.redis_peak_mb:.0f} MB; "
         f"listener CPU {r.listener_cpu_pct:.0f}%; scheduling {r.schedule_per_s:,.0f}/s"
+        f"{spread}"
     )
 
 
@@ -587,3 +622,7 @@ def _machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    terminate(proc, timeout_s=timeout_s)

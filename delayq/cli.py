@@ -195,6 +195,14 @@ def status(
             for d in value:
                 print(f"  dead: {d['timer']} due {d['due_at']}", end="")
                 print(f" after {d['attempts']} attempts: {d['error']}")
+        elif name == "primaries":  # a cluster
+            print(f"primaries: {len(value)}")
+            for p in value:
+                print(
+                    f"  {p['node']}: {p['slots']} slots, pending {p['pending']}, "
+                    f"overdue {p['overdue']}, in flight {p['in_flight']}, "
+                    f"dead-lettered {p['dead_lettered']}, used memory {p['used_memory']}"
+                )
         elif name == "outcomes_last_hour":
             print(
                 "outcomes (last hour): "
@@ -259,8 +267,15 @@ def bench(
         typer.Option(help="Server to make a scratch database on (default: temporary SQLite)."),
     ] = None,
     redis_url: Annotated[
-        str | None, typer.Option(help="Redis to use (default: a temporary redis-server).")
+        str | None,
+        typer.Option(
+            help="Redis to use, or a cluster (redis+cluster://host:port,...); default: a "
+            "temporary redis-server."
+        ),
     ] = None,
+    cluster: Annotated[
+        int, typer.Option(help="Instead: a temporary Redis Cluster of this many primaries.")
+    ] = 0,
     naive: Annotated[bool, typer.Option(help="Also run keyspace events alone.")] = False,
     legacy: Annotated[
         bool,
@@ -299,6 +314,7 @@ def bench(
         batch_size=batch_size,
         appliers=appliers,
         action=action,
+        cluster=cluster,
     )
     run_bench(cfg, json_path=json_file, plot_path=plot, out=print)
 

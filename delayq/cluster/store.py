@@ -27,13 +27,14 @@ batch), and a recorded one is acknowledged, not applied again.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from importlib.resources import files
 from itertools import islice
 from typing import Any, TypeVar
@@ -77,6 +78,8 @@ SLOTS_PER_ROUND = 64
 FAILED_SLOT_RETRY_MS = 500
 #: Slots read per pipeline in a full refresh.
 REFRESH_CHUNK = 2048
+#: Slots read per peek_slots.lua call (~1 ms of the node's time).
+PEEK_CHUNK = 1024
 
 
 class DueView:
@@ -87,6 +90,9 @@ class DueView:
         self._next: dict[int, int] = {}
         self._heap: list[tuple[int, int]] = []
         self._lock = threading.Lock()
+        #: Bumped by every change; each slot's entry remembers the count it was made at.
+        self._version = 0
+        self._changed: dict[int, int] = {}
 
     def set(self, slot: int, ms: int) -> None:
         """The slot's next wake-up is `ms` (-1: nothing pending or claimed)."""
@@ -94,6 +100,8 @@ class DueView:
             self._set(slot, ms)
 
     def _set(self, slot: int, ms: int) -> None:
+        self._version += 1
+        self._changed[slot] = self._version
         if ms < 0:
             self._next.pop(slot, None)
             return
@@ -108,14 +116,28 @@ class DueView:
             if current is None or ms < current:
                 self._set(slot, ms)
 
-    def replace(self, wakeups: dict[int, int]) -> None:
-        """A full read: the view becomes exactly `wakeups`, except that wake-ups that
-        arrived meanwhile (earlier than what was read) are kept."""
+    def mark(self) -> int:
+        """A point in the view's changes, to give to replace()."""
+        with self._lock:
+            return self._version
+
+    def replace(
+        self, wakeups: dict[int, int], read: Collection[int] | None = None, since: int = 0
+    ) -> None:
+        """A full read, begun at mark() `since`, of the slots in `read` (default: all):
+        for them the view becomes exactly `wakeups`, except that what changed since the
+        read began (a claim's reply, a wake-up) and earlier times are kept; slots not
+        read keep what the view had."""
         with self._lock:
             merged = {s: ms for s, ms in wakeups.items() if ms >= 0}
             for slot, ms in self._next.items():
-                if slot in merged and ms < merged[slot]:
+                unread = read is not None and slot not in read
+                newer = self._changed.get(slot, 0) > since
+                if unread or newer or (slot in merged and ms < merged[slot]):
                     merged[slot] = ms
+            for slot, version in self._changed.items():
+                if version > since and slot not in self._next:
+                    merged.pop(slot, None)  # claimed empty, or taken, since the read began
             self._next = merged
             self._heap = [(ms, s) for s, ms in merged.items()]
             heapq.heapify(self._heap)
@@ -134,6 +156,8 @@ class DueView:
                     break
                 heapq.heappop(self._heap)
                 del self._next[slot]
+                self._version += 1
+                self._changed[slot] = self._version
                 out.append(slot)
         return out
 
@@ -168,6 +192,7 @@ class ClusterStore:
         self.view = DueView()
         self._refreshed_at = float("-inf")
         self._refresh_requested = True
+        self._refresher: threading.Thread | None = None
         #: Redis's clock minus this host's (ms), as the last claim saw it.
         self._clock_offset_ms = 0.0
         #: Primaries whose slots could not be claimed from lately: name -> error.
@@ -246,8 +271,7 @@ class ClusterStore:
 
     def claim_due(self, limit: int, lease_ms: int) -> Claim:
         """Claim up to about `limit` firings from the slots the view says are due."""
-        if self._refresh_requested or time.monotonic() - self._refreshed_at >= REFRESH_S:
-            self.refresh_view()
+        self._refresh_in_background()
         now = self.now_ms()
         slots = self.view.take_due(now, SLOTS_PER_ROUND)
         if not slots:
@@ -299,11 +323,11 @@ class ClusterStore:
         for name, error in failing.items():
             if name not in self.failing:
                 log.warning("claiming from %s failed: %s; its slots are retried", name, error)
-        ok = {
-            self.router.primary_of(s).name
-            for s, r in zip(slots, replies, strict=True)
-            if not isinstance(r, Exception)
-        }
+        ok = set()
+        for slot, reply in zip(slots, replies, strict=True):
+            if not isinstance(reply, Exception):
+                with contextlib.suppress(redis.RedisError, IndexError):
+                    ok.add(self.router.primary_of(slot).name)
         for name in list(self.failing):
             if name in ok:
                 del self.failing[name]
@@ -315,6 +339,27 @@ class ClusterStore:
             pipe.hget(self.partition_of(parse_firing_id(fid)[0]).attempts, fid)
         return {fid: int(n or 0) for fid, n in zip(firing_ids, pipe.execute(), strict=True)}
 
+    def _refresh_in_background(self) -> None:
+        """Start a full read of the view when one is due, on a thread of its own: the
+        claimer goes on claiming with the view it has meanwhile."""
+        if not (self._refresh_requested or time.monotonic() - self._refreshed_at >= REFRESH_S):
+            return
+        if self._refresher is not None and self._refresher.is_alive():
+            return
+        self._refresh_requested = False
+        self._refreshed_at = time.monotonic()
+        self._refresher = threading.Thread(
+            target=self._refresh_quietly, name="delayq-cluster-view", daemon=True
+        )
+        self._refresher.start()
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self.refresh_view()
+        except Exception as exc:  # a thread of its own: log, and read again on the next claim
+            self._refresh_requested = True
+            log.warning("reading the due view failed: %s", exc)
+
     def refresh_view(self) -> None:
         """Read every slot's next due time and lease end: one read-only script per
         primary (peek_slots.lua), or, for a primary that refuses it (a slot migrating
@@ -322,6 +367,8 @@ class ClusterStore:
         self._refresh_requested = False
         self._refreshed_at = time.monotonic()
         wakeups: dict[int, int] = {}
+        read: set[int] = set()
+        since = self.view.mark()
         for node, slots in self._slots_by_primary().items():
             try:
                 wakeups.update(self._peek(node, slots))
@@ -329,26 +376,42 @@ class ClusterStore:
                 log.debug("peeking at %s failed (%s); reading slot by slot", node.name, exc)
                 try:
                     wakeups.update(self._read_slots(slots))
-                except redis.RedisError:
-                    self._refresh_requested = True  # try again on the next claim
-                    raise
-        self.view.replace(wakeups)
+                except redis.RedisError as exc:
+                    # That primary is down or failing over: its slots keep what the view
+                    # had, and the next claim reads again. The others go on.
+                    log.debug("reading the slots of %s failed: %s", node.name, exc)
+                    self._refresh_requested = True
+                    continue
+            read.update(slots)
+        self.view.replace(wakeups, read, since)
 
     def _slots_by_primary(self) -> dict[ClusterNode, list[int]]:
         by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
         for slot in range(SLOTS):
-            node = self.router.primary_of(slot)
+            try:
+                node = self.router.primary_of(slot)
+            except (redis.RedisError, IndexError):
+                continue  # no primary serves it right now: read on the next refresh
             by_node.setdefault(node.name, (node, []))[1].append(slot)
         return dict(by_node.values())
 
     def _peek(self, node: ClusterNode, slots: list[int]) -> dict[int, int]:
+        """PEEK_CHUNK slots per script call: each holds the node ~1 ms."""
+        client = self.router.node_client(node)
+        found: dict[int, int] = {}
+        for start in range(0, len(slots), PEEK_CHUNK):
+            chunk = slots[start : start + PEEK_CHUNK]
+            reply = self._peek_script(keys=[], args=self._peek_names(chunk), client=client)
+            for i in range(0, len(reply), 2):
+                found[chunk[int(reply[i]) - 1]] = int(reply[i + 1])
+        return found
+
+    def _peek_names(self, slots: list[int]) -> list[str]:
         names: list[str] = []
         for slot in slots:
             k = self.partition(slot)
             names += [k.heads, k.claims]
-        client = self.router.node_client(node)
-        reply = self._peek_script(keys=[], args=names, client=client)
-        return {slots[int(reply[i]) - 1]: int(reply[i + 1]) for i in range(0, len(reply), 2)}
+        return names
 
     def _read_slots(self, slots: Sequence[int]) -> dict[int, int]:
         wakeups: dict[int, int] = {}
@@ -518,7 +581,8 @@ class ClusterStore:
 
     def heartbeat(self, listener_id: str) -> None:
         slot = slot_of(self.keys.listeners)
-        self.router.run([Call(slot, self.scripts.heartbeat, [self.keys.listeners], [listener_id])])
+        call = Call(slot, self.scripts.heartbeat, [self.keys.listeners], [listener_id])
+        self.router.run([call], retry_s=0.5)
 
     def dead_letters(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every dead letter (field, entry), slot by slot."""

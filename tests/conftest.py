@@ -13,6 +13,7 @@ import pymysql
 import pytest
 import sqlalchemy as sa
 
+from tests.cluster import ClusterFactory, ServerCluster, redis_cli_binary
 from tests.servers import (
     SERVER_KINDS,
     RedisFactory,
@@ -102,6 +103,70 @@ def redis_factory(tmp_path: Path, server_kind: ServerKind, in_ci: bool) -> Itera
 def redis_server(redis_factory: RedisFactory) -> RedisServer:
     """A started server of the test's `server_kind` (Redis by default), notify Ex."""
     return redis_factory(notify="Egx")
+
+
+def _require_redis_cli(in_ci: bool) -> None:
+    """Fail (CI) or skip without redis-cli, which ServerCluster reshards with."""
+    try:
+        redis_cli_binary()
+    except ServerBinaryMissing as exc:
+        if in_ci:
+            pytest.fail(f"CI needs redis-cli: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def cluster_factory(
+    tmp_path: Path, server_kind: ServerKind, in_ci: bool
+) -> Iterator[ClusterFactory]:
+    """Makes started ServerClusters (tests/cluster.py; of `server_kind` unless a call
+    passes kind=) in their own dirs under tmp_path; stops them all after."""
+    clusters: list[ServerCluster] = []
+
+    def make(
+        *,
+        kind: ServerKind | None = None,
+        primaries: int = 3,
+        replicas_per_primary: int = 1,
+        node_timeout_ms: int = 1000,
+        appendonly: bool = False,
+        notify: str = "Egx",
+        extra: dict[str, str] | None = None,
+    ) -> ServerCluster:
+        kind = kind or server_kind
+        _require_server_binary(kind, in_ci)
+        _require_redis_cli(in_ci)
+        cluster = ServerCluster(
+            tmp_path / f"{kind}-cluster-{len(clusters)}",
+            kind=kind,
+            primaries=primaries,
+            replicas_per_primary=replicas_per_primary,
+            node_timeout_ms=node_timeout_ms,
+            appendonly=appendonly,
+            notify=notify,
+            extra=extra,
+        )
+        # Registered before start() so a half-started cluster is still stopped.
+        clusters.append(cluster)
+        cluster.start()
+        return cluster
+
+    yield make
+
+    errors: list[BaseException] = []
+    for cluster in clusters:
+        try:
+            cluster.stop()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def redis_cluster(cluster_factory: ClusterFactory) -> ServerCluster:
+    """A started cluster of the test's `server_kind`: 3 primaries with a replica each."""
+    return cluster_factory()
 
 
 @pytest.fixture(params=SERVER_KINDS, ids=SERVER_KINDS)

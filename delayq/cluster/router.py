@@ -182,7 +182,7 @@ class Router:
                 elif isinstance(reply, NoScriptError):
                     self.node_client(node).script_load(calls[i].script.script)
                     again.append(i)
-                elif isinstance(reply, RETRIABLE):
+                elif isinstance(reply, RETRIABLE) or _migrating(reply):
                     again.append(i)
                     refresh = refresh or not isinstance(reply, TryAgainError)
                 elif not isinstance(reply, Exception):
@@ -223,3 +223,10 @@ class Router:
             host=host, port=int(port)
         )
         return node
+
+
+def _migrating(reply: object) -> bool:
+    """A script refused because a key it reads without declaring it (a timer key found in
+    the index) has already moved with its migrating slot: Redis says so with a plain
+    error, not ASK. The call is retried once the slot has moved."""
+    return isinstance(reply, redis.ResponseError) and "non local key" in str(reply)

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,10 @@ log = logging.getLogger("delayq.cluster")
 RETRY_S = 10.0
 #: Topology reads at most this often when calls keep being redirected.
 MIN_REFRESH_S = 0.1
+#: Rounds of at least this many calls send each primary's pipeline on a thread of its
+#: own, so the primaries work at the same time.
+PARALLEL_FROM = 64
+PARALLEL_NODES = 16
 #: Errors after which a call is retried (the slot's primary changes, or will).
 RETRIABLE = (
     redis.ConnectionError,
@@ -71,6 +76,7 @@ class Router:
         self._refreshed_at = 0.0
         #: Bumped on every topology read: lets others notice a change.
         self.generation = 0
+        self._executor: ThreadPoolExecutor | None = None
 
     def primary_of(self, slot: int) -> ClusterNode:
         node: ClusterNode = self.cluster.nodes_manager.get_node_from_slot(slot)
@@ -87,6 +93,14 @@ class Router:
             self._refreshed_at = time.monotonic()
             self.cluster.nodes_manager.initialize()
             self.generation += 1
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=PARALLEL_NODES, thread_name_prefix="delayq-cluster-call"
+                )
+            return self._executor
 
     def node_client(self, node: ClusterNode) -> redis.Redis:
         client: redis.Redis = self.cluster.get_redis_connection(node)
@@ -157,12 +171,24 @@ class Router:
                 refresh = True
                 continue
             by_node.setdefault(node.name, (node, []))[1].append(i)
-        for node, idxs in by_node.values():
+        groups = list(by_node.values())
+
+        def send(group: tuple[ClusterNode, list[int]]) -> list[Any] | BaseException:
+            node, idxs = group
             try:
-                replies = self._pipeline(node, [calls[i] for i in idxs], idxs, asking, wait)
+                return self._pipeline(node, [calls[i] for i in idxs], idxs, asking, wait)
             except RETRIABLE as exc:
+                return exc
+
+        if len(groups) > 1 and len(pending) >= PARALLEL_FROM:
+            # Big rounds (bulk scheduling): every primary's pipeline at once.
+            answers = list(self._pool().map(send, groups))
+        else:
+            answers = [send(group) for group in groups]
+        for (node, idxs), replies in zip(groups, answers, strict=True):
+            if isinstance(replies, BaseException):
                 for i in idxs:
-                    results[i] = exc
+                    results[i] = replies
                 again += idxs
                 refresh = True
                 continue

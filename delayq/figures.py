@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from delayq.keys import Keys
+from delayq.redis_conn import is_cluster
 from delayq.timing import from_ms
 
 #: Overdue timers are counted in at most this many shards (a listener that is down for
@@ -20,7 +21,12 @@ LISTENER_ALIVE_MS = 10_000
 
 def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> dict[str, Any]:
     """Pending, next due, overdue, in flight, dead letters (the first `dead_limit`) and
-    listeners alive. Raises redis.RedisError if Redis does not answer."""
+    listeners alive. Raises redis.RedisError if Redis does not answer. On a cluster, the
+    same figures and each primary's (delayq.cluster.figures)."""
+    if is_cluster(client):
+        from delayq.cluster.figures import cluster_figures
+
+        return cluster_figures(client, keys, dead_limit=dead_limit)  # type: ignore[arg-type]
     sec, usec = client.time()
     now_ms = sec * 1000 + usec // 1000
     pipe = client.pipeline(transaction=False)
@@ -43,20 +49,7 @@ def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> 
         pipe.zcount(f"{keys.shard_prefix}{shard_id}", "-inf", now_ms)
     counts = pipe.execute() if shards else []
     pending, overdue = sum(counts[: len(shards)]), sum(counts[len(shards) :])
-    dead_list = []
-    for key, raw in sorted(dead.items())[:dead_limit]:
-        entry = json.loads(raw)
-        dead_list.append(
-            {
-                # Fields are firing ids (`KEY@DUE`); before 0.2 they were timer keys.
-                "firing": key,
-                "timer": entry.get("timer", key),
-                "due_at": from_ms(int(entry["due_ms"])).isoformat(),
-                "attempts": entry["attempts"],
-                "error": entry["error"],
-                "dead_at": from_ms(int(entry["dead_ms"])).isoformat(),
-            }
-        )
+    dead_list = [dead_letter(key, raw) for key, raw in sorted(dead.items())[:dead_limit]]
     return {
         "pending": pending,
         "next_due_at": from_ms(int(head[0][1])).isoformat() if head else None,
@@ -68,4 +61,18 @@ def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> 
             {"id": member, "last_seen_s": round((now_ms - score) / 1000, 1)}
             for member, score in alive
         ],
+    }
+
+
+def dead_letter(field: str, raw: str) -> dict[str, Any]:
+    """One dead letter as shown: `field` of the dead-letter hash and its JSON entry."""
+    entry = json.loads(raw)
+    return {
+        # Fields are firing ids (`KEY@DUE`); before 0.2 they were timer keys.
+        "firing": field,
+        "timer": entry.get("timer", field),
+        "due_at": from_ms(int(entry["due_ms"])).isoformat(),
+        "attempts": entry["attempts"],
+        "error": entry["error"],
+        "dead_at": from_ms(int(entry["dead_ms"])).isoformat(),
     }

@@ -220,6 +220,22 @@ class RedisFigures(Collector):
             ("delayq_listeners_alive", len(f["listeners"]), "Listeners with a recent heartbeat."),
         ):
             yield GaugeMetricFamily(name, text, value=value)
+        # A cluster: each primary's share, by node ("127.0.0.1:7001"), under names of
+        # their own so that sums over the totals above count nothing twice.
+        primaries = f.get("primaries", [])
+        for field, name, text in (
+            ("pending", "delayq_primary_pending", "Timers waiting, per cluster primary."),
+            ("overdue", "delayq_primary_overdue", "Timers past due, per cluster primary."),
+            ("in_flight", "delayq_primary_in_flight", "Timers claimed, per cluster primary."),
+            ("dead_lettered", "delayq_primary_dead_letters", "Dead letters, per cluster primary."),
+            ("used_memory", "delayq_primary_used_memory_bytes", "used_memory of each primary."),
+        ):
+            rows = [(p["node"], p[field]) for p in primaries if p[field] is not None]
+            if rows:
+                family = GaugeMetricFamily(name, text, labels=["node"])
+                for node, value in rows:
+                    family.add_metric([node], value)
+                yield family
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -472,6 +488,7 @@ def render_dashboard(
         if rows
         else "<p class=dim>none</p>"
     )
+    primaries = _primaries_table(figures.get("primaries", []))
     banner = "".join(f'<p class="error">{e(p)}</p>' for p in problems)
     if notice:
         banner += f'<p class="notice" id="notice">{e(notice)}</p>'
@@ -479,10 +496,31 @@ def render_dashboard(
     return _page(
         "delayq",
         f'<h1>delayq</h1><p class="dim" id="as-of">as of {as_of}</p>{banner}'
-        f'<div class="cards">{cards}</div>'
+        f'<div class="cards">{cards}</div>{primaries}'
         f'<h2>Listeners</h2><ul id="listeners">{listeners or "<li class=dim>none</li>"}</ul>'
         f'<h2>Dead letters</h2><div id="dead">{dead}</div>',
         head=_REFRESH,
+    )
+
+
+def _primaries_table(primaries: list[dict[str, Any]]) -> str:
+    """A cluster's figures per primary (nothing on one Redis)."""
+    if not primaries:
+        return ""
+
+    def n(value: int | None) -> str:
+        return "-" if value is None else f"{value:,}"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(p['node'])}</td><td>{n(p['slots'])}</td><td>{n(p['pending'])}</td>"
+        f"<td>{n(p['overdue'])}</td><td>{n(p['in_flight'])}</td><td>{n(p['dead_lettered'])}</td>"
+        f"<td>{n(p['used_memory'])}</td></tr>"
+        for p in primaries
+    )
+    return (
+        '<h2>Cluster primaries</h2><table id="primaries"><tr><th>node</th><th>slots</th>'
+        "<th>pending</th><th>overdue</th><th>in flight</th><th>dead-lettered</th>"
+        f"<th>used memory, bytes</th></tr>{rows}</table>"
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
+from redis.exceptions import RedisClusterException
 
 from delayq.cluster.url import connect_cluster, is_cluster_url
 from delayq.errors import NotReady, ServiceUnavailable
@@ -65,7 +66,7 @@ def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
             return cluster  # type: ignore[return-value]
         client: redis.Redis = redis.Redis.from_url(url, **opts)
         client.ping()
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:  # the latter: no seed answers
         raise unreachable(url, exc) from None
     return client
 

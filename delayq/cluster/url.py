@@ -7,9 +7,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import NoPermissionError, RedisClusterException
+from redis.retry import Retry
 
-from delayq.errors import InvalidInput
+from delayq.errors import InvalidInput, NotReady
 from delayq.settings import mask_url
 
 SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -57,8 +60,46 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
 
 
 def connect_cluster(url: str, **kwargs: Any) -> RedisCluster:
-    """A RedisCluster client for a cluster URL (not yet checked to answer)."""
+    """A RedisCluster client for a cluster URL (not yet checked to answer). Raises
+    NotReady when the ACL refuses what the client reads the cluster with (CLUSTER SLOTS,
+    COMMAND), RedisClusterException when no seed answers."""
     seeds, opts = parse_cluster_url(url)
     opts.update(kwargs)
     nodes = [ClusterNode(h, p) for h, p in seeds]  # type: ignore[no-untyped-call]
-    return RedisCluster(startup_nodes=nodes, **opts)
+    try:
+        return RedisCluster(startup_nodes=nodes, **opts)
+    except NoPermissionError as exc:  # COMMAND, read once by the client's key parser
+        raise _denied(opts, exc) from None
+    except RedisClusterException:
+        # redis-py says "Cluster mode is not enabled" when CLUSTER SLOTS is refused.
+        denied = _cluster_slots_denied(seeds[0], opts)
+        if denied is not None:
+            raise denied from None
+        raise
+
+
+def _cluster_slots_denied(seed: tuple[str, int], opts: dict[str, Any]) -> NotReady | None:
+    try:
+        # No retries: a seed that does not answer has been waited for already.
+        once = Retry(NoBackoff(), 0)
+        client = redis.Redis(host=seed[0], port=seed[1], **{**opts, "retry": once})
+    except (TypeError, ValueError):
+        return None
+    try:
+        client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+    except NoPermissionError as exc:
+        return _denied(opts, exc)
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    return None
+
+
+def _denied(opts: dict[str, Any], exc: redis.RedisError) -> NotReady:
+    user = opts.get("username") or "default"
+    reason = (str(exc) or type(exc).__name__).splitlines()[0]
+    return NotReady(
+        f"Redis user {user!r} may not read the cluster's topology (NOPERM {reason}): a "
+        "cluster client needs +cluster|slots and +command: see deploy/redis/users.acl"
+    )

@@ -244,6 +244,30 @@ def retry_dead(
     print(f"re-queued {_dq(ctx).retry_dead(keys)} dead-lettered timers")
 
 
+@app.command("copy-timers")
+def copy_timers(
+    ctx: typer.Context,
+    from_url: Annotated[
+        str, typer.Option("--from", help="The Redis the timers are in now (redis://...).")
+    ],
+    to_url: Annotated[
+        str,
+        typer.Option("--to", help="Where to copy them: redis+cluster://h:p[,h:p...] or redis://."),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count what would be copied.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Copy pending timers, in-flight firings, dead letters and legacy TTL keys from one
+    Redis to another (a cluster); running it again copies only what is new. See
+    docs/moving-to-cluster.md."""
+    from delayq.cluster.copy import copy_timers as copy
+
+    report = copy(_dq(ctx).settings, from_url, to_url, dry_run=dry_run)
+    print(json.dumps(report.as_dict(), indent=2) if as_json else report.summary())
+
+
 @app.command()
 def demo(
     ctx: typer.Context,

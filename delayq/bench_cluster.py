@@ -130,6 +130,8 @@ def scratch_cluster(
                             binary,
                             *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir)),
                             *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                            # Its bus port, by default port + 10000, may not exist (> 65535).
+                            *("--cluster-port", str(free_port())),
                             *("--save", "", "--appendonly", "no"),
                             *("--notify-keyspace-events", "Egx"),
                             *("--logfile", str(node_dir / "redis.log")),

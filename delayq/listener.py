@@ -540,7 +540,8 @@ class Listener:
             started = time.monotonic()
             try:
                 cursor, found = self.store.scan_timers(cursor, SWEEP_COUNT)
-                n = self._each_allowed(self.store.adopt, found) if found else 0
+                adopt = self.store.adopt_on_node if self.cluster else self.store.adopt  # type: ignore[attr-defined]
+                n = self._each_allowed(adopt, found) if found else 0
             except redis.RedisError:
                 # The claimer reports the outage; start the pass again once Redis is back.
                 cursor, pass_started = 0, time.monotonic()

@@ -198,8 +198,13 @@ class ClusterStore:
         #: Primaries whose slots could not be claimed from lately: name -> error.
         self.failing: dict[str, str] = {}
         self._sweep: tuple[list[ClusterNode], int, int] | None = None
-        self._peek_script = client.register_script(
-            (files("delayq") / "lua" / "peek_slots.lua").read_text()
+        lua = files("delayq") / "lua"
+        self._peek_script = client.register_script((lua / "peek_slots.lua").read_text())
+        self._adopt_node_script = client.register_script(
+            "#!lua flags=allow-cross-slot-keys\n"
+            + (lua / "_clock.lua").read_text()
+            + (lua / "_prelude.lua").read_text()
+            + (lua / "adopt_node.lua").read_text()
         )
 
     # -- partitions ----------------------------------------------------------------------
@@ -447,6 +452,29 @@ class ClusterStore:
 
     def adopt(self, timer_keys: Sequence[str]) -> int:
         return self._sum(self.scripts.adopt, adopt_call, timer_keys)
+
+    def adopt_on_node(self, timer_keys: Sequence[str]) -> int:
+        """adopt() for keys a SCAN step found on one node: one call per primary for all
+        their slots (adopt_node.lua), slot by slot where a primary refuses it."""
+        by_node: dict[str, tuple[ClusterNode, list[str]]] = {}
+        for key in timer_keys:
+            try:
+                node = self.router.primary_of(slot_of(key))
+            except (redis.RedisError, IndexError):
+                continue  # no primary serves it now: the next pass finds it
+            by_node.setdefault(node.name, (node, []))[1].append(key)
+        n = 0
+        for node, keys in by_node.values():
+            args: list[str] = []
+            for key in keys:
+                k = self.partition_of(key)
+                args += [key, k.heads, k.shard(key), k.wake_channel]
+            try:
+                client = self.router.node_client(node)
+                n += int(self._adopt_node_script(keys=[], args=args, client=client))
+            except redis.ResponseError:
+                n += self.adopt(keys)  # a slot moving, or a refusal: the per-slot calls
+        return n
 
     def forget(self, timer_keys: Sequence[str]) -> int:
         return self._sum(self.scripts.forget, forget_call, timer_keys)

@@ -37,3 +37,23 @@ def test_sweep_adopts_legacy_keys_of_many_slots_per_primary_at_their_expiry(
     client.set(keys[0], "1", px=7_200_000)
     assert store.adopt_on_node(keys) == 1  # type: ignore[attr-defined]
     assert store.timer_state(keys[0]).pending_due_ms == int(client.pexpiretime(keys[0]))
+
+
+def test_sweep_pass_visits_every_primary_in_turn_and_finds_every_key(
+    redis_cluster: ServerCluster,
+) -> None:
+    client = redis_cluster.client()
+    store = open_store(client, Keys(), Scripts.register(client))  # type: ignore[arg-type]
+    keys = {f"SWEPT{i}:cancel" for i in range(500)}
+    for key in keys:
+        client.set(key, "1", px=3_600_000)
+    found: set[str] = set()
+    cursor, steps = 0, 0
+    while True:
+        cursor, batch = store.scan_timers(cursor, 50)
+        found.update(batch)
+        steps += 1
+        assert steps < 10_000, "the pass never completes"
+        if cursor == 0:
+            break
+    assert found == keys

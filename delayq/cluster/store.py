@@ -197,7 +197,9 @@ class ClusterStore:
         self._clock_offset_ms = 0.0
         #: Primaries whose slots could not be claimed from lately: name -> error.
         self.failing: dict[str, str] = {}
-        self._sweep: tuple[list[ClusterNode], int, int] | None = None
+        #: The sweep's pass: each primary not yet scanned to the end, and its cursor.
+        self._sweep: dict[str, tuple[ClusterNode, int]] | None = None
+        self._sweep_turn = 0
         lua = files("delayq") / "lua"
         self._peek_script = client.register_script((lua / "peek_slots.lua").read_text())
         self._adopt_node_script = client.register_script(
@@ -490,23 +492,29 @@ class ClusterStore:
         return sum(int(r) for r in self.router.run(calls))
 
     def scan_timers(self, cursor: int, count: int) -> tuple[int, list[str]]:
-        """One step of a SCAN over every primary in turn: (0 when the pass over all of
-        them is complete, else a positive token; the string keys that may be timers)."""
+        """One step of a SCAN over every primary, taking the primaries in turn step by
+        step (so that each carries its share of the sweep all along): (0 when the pass
+        over all of them is complete, else a positive token; the string keys that may
+        be timers)."""
         if cursor == 0 or self._sweep is None:
-            self._sweep = (sorted(self.router.primaries(), key=lambda n: n.name), 0, 0)
-        nodes, index, node_cursor = self._sweep
-        if index >= len(nodes):
+            primaries = sorted(self.router.primaries(), key=lambda n: n.name)
+            self._sweep = {n.name: (n, 0) for n in primaries}
+            self._sweep_turn = 0
+        if not self._sweep:
             self._sweep = None
             return 0, []
-        client = self.router.node_client(nodes[index])
-        node_cursor, found = client.scan(node_cursor, count=count, _type="string")
-        node_cursor = int(node_cursor)
-        if node_cursor == 0:
-            index += 1
-        self._sweep = (nodes, index, node_cursor)
-        names = [str(key) for key in found]
-        keys = [key for key in names if ":" in key and not self.keys.is_own(key)]
-        if index >= len(nodes):
+        names = sorted(self._sweep)
+        name = names[self._sweep_turn % len(names)]
+        self._sweep_turn += 1
+        node, node_cursor = self._sweep[name]
+        client = self.router.node_client(node)
+        next_cursor, found = client.scan(node_cursor, count=count, _type="string")
+        if int(next_cursor) == 0:
+            del self._sweep[name]  # this primary's pass is complete
+        else:
+            self._sweep[name] = (node, int(next_cursor))
+        keys = [str(k) for k in found if ":" in str(k) and not self.keys.is_own(str(k))]
+        if not self._sweep:
             self._sweep = None
             return 0, keys
         return 1, keys

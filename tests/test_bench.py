@@ -16,7 +16,7 @@ from tests.harness import clean_env, run_cli
 RUN_FIELDS = {
     "mode", "action", "scheduled", "fired", "lost", "duplicates", "early", "lateness_ms",
     "throughput_per_s", "drain_s", "schedule_per_s", "redis_bytes_per_pending",
-    "redis_peak_mb", "redis_version", "listener_cpu_pct", "effects",
+    "redis_peak_mb", "redis_version", "listener_cpu_pct", "effects", "primaries",
 }  # fmt: skip
 
 

@@ -231,17 +231,19 @@ class Router:
         if wait:
             pipe.wait(self.wait_replicas, self.wait_timeout_ms)
         raw = pipe.execute(raise_on_error=False)
-        if wait:
-            *raw, confirmed = raw
-            if isinstance(confirmed, Exception):
-                raise confirmed
-            check_replicated(int(confirmed), self.wait_replicas, self.wait_timeout_ms)
+        confirmed: Any = raw.pop() if wait else None
         replies: list[Any] = []
         it = iter(raw)
         for i in idxs:
             if i in asking:
                 next(it)  # ASKING's OK
             replies.append(next(it))
+        # Judge WAIT only if a call ran: when every one was refused (NOSCRIPT on a promoted
+        # replica, MOVED, ASK, TRYAGAIN) nothing was written, and the calls are retried.
+        if wait and any(not isinstance(reply, Exception) for reply in replies):
+            if isinstance(confirmed, Exception):
+                raise confirmed
+            check_replicated(int(confirmed), self.wait_replicas, self.wait_timeout_ms)
         return replies
 
     def _node_at(self, host: str, port: int | str) -> ClusterNode | None:

@@ -385,17 +385,10 @@ class Listener:
         self.wake.set()
         self.sweep_requested = time.monotonic()
         self.store.request_refresh()  # type: ignore[attr-defined]
-        if not self.ready.is_set():
-            status = (
-                f"listening: {self.keys.expired_channel} on every primary of "
-                f"{mask_url(self.settings.redis_url)}, database "
-                f"{mask_url(self.settings.effective_database_url)}"
-            )
-            log.info("%s", status)
-            self.ready.set()
-            self.notifier.ready(status)
-        else:
-            log.info("subscribed to %s on %s", self.keys.expired_channel, node)
+        self._announce_subscription(
+            f"every primary of {mask_url(self.settings.redis_url)}",
+            f"subscribed to {self.keys.expired_channel} on {node}",
+        )
 
     def _subscribe(self, pubsub: redis.client.PubSub) -> list[dict[str, Any]]:
         """Subscribe; returns the events that arrived before every confirmation did."""
@@ -417,17 +410,24 @@ class Listener:
             else:
                 early.append(msg)
         self.subscribed.set()
-        if not self.ready.is_set():
-            status = (
-                f"listening: {self.keys.expired_channel} on {mask_url(self.settings.redis_url)}, "
-                f"database {mask_url(self.settings.effective_database_url)}"
-            )
-            log.info("%s", status)
-            self.ready.set()
-            self.notifier.ready(status)
-        else:
-            log.info("subscribed again to %s", self.keys.expired_channel)
+        self._announce_subscription(
+            mask_url(self.settings.redis_url), f"subscribed again to {self.keys.expired_channel}"
+        )
         return early
+
+    def _announce_subscription(self, where: str, again: str) -> None:
+        """The first subscription makes the listener ready (logged, and told to systemd);
+        a later one is logged as `again`."""
+        if self.ready.is_set():
+            log.info("%s", again)
+            return
+        status = (
+            f"listening: {self.keys.expired_channel} on {where}, "
+            f"database {mask_url(self.settings.effective_database_url)}"
+        )
+        log.info("%s", status)
+        self.ready.set()
+        self.notifier.ready(status)
 
     def _pump(self, pubsub: Any, early: list[dict[str, Any]]) -> None:
         """Hand keyspace events on in batches: `expire` (adopt) after ADOPT_AFTER_S, `del`

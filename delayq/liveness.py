@@ -330,7 +330,8 @@ def _probe_client(client: redis.Redis) -> redis.Redis:
 
 
 class _ClusterProbe:
-    """PING every primary of a cluster, each on a connection of its own with a timeout."""
+    """PING every primary of a cluster, each with a probe client of its own (as
+    _probe_client makes for one Redis)."""
 
     def __init__(self, cluster: RedisCluster) -> None:
         self.cluster = cluster
@@ -340,18 +341,7 @@ class _ClusterProbe:
         for node in self.cluster.get_primaries():  # type: ignore[no-untyped-call]
             client = self._clients.get(node.name)
             if client is None:
-                client = redis.Redis(
-                    connection_pool=redis.ConnectionPool(
-                        max_connections=1,
-                        **{
-                            **node.redis_connection.connection_pool.connection_kwargs,
-                            "socket_timeout": PROBE_TIMEOUT_S,
-                            "socket_connect_timeout": PROBE_TIMEOUT_S,
-                            "retry": Retry(NoBackoff(), 0),
-                        },
-                    )
-                )
-                self._clients[node.name] = client
+                client = self._clients[node.name] = _probe_client(node.redis_connection)
             try:
                 client.ping()
             except redis.RedisError as exc:

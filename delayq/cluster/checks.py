@@ -18,7 +18,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
-from delayq.cluster.figures import read_only_script
+from delayq.cluster.router import read_only_script
 from delayq.cluster.slots import partition
 from delayq.errors import NotReady
 from delayq.keys import Keys

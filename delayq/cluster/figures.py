@@ -14,16 +14,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from importlib.resources import files
 from typing import Any
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
-from redis.commands.core import Script
 from redis.exceptions import NoPermissionError
 
-from delayq.cluster.slots import SLOTS, partition
+from delayq.cluster.router import read_only_script, slots_by_primary
+from delayq.cluster.slots import partition
 from delayq.figures import LISTENER_ALIVE_MS, dead_letter
 from delayq.keys import Keys
 from delayq.timing import from_ms
@@ -40,17 +38,6 @@ DEAD_CHUNK = 64
 #: Primaries that refused INFO to a client (the shipped listener's ACL does): not asked
 #: again, so that every scrape does not add a refusal to ACL LOG.
 _info_refused: weakref.WeakKeyDictionary[RedisCluster, set[str]] = weakref.WeakKeyDictionary()
-
-
-@cache
-def _script_text(name: str) -> str:
-    return (files("delayq") / "lua" / f"{name}.lua").read_text()
-
-
-def read_only_script(cluster: RedisCluster, name: str) -> Script:
-    """One of the cluster's read-only, cross-slot scripts (`peek_slots`,
-    `cluster_figures`), to be run on one node: `script(keys=[], args=..., client=node)`."""
-    return cluster.register_script(_script_text(name))
 
 
 @dataclass
@@ -84,7 +71,7 @@ def cluster_figures(cluster: RedisCluster, keys: Keys, *, dead_limit: int = 100)
     "primaries" each primary's pending, overdue, in flight, dead-lettered, next due and
     used_memory (None when INFO is refused), by node name. Raises redis.RedisError if a
     primary does not answer."""
-    by_node = _slots_by_primary(cluster)
+    by_node = slots_by_primary(cluster)
     nodes = sorted(by_node, key=lambda n: n.name)
     now_ms = _now_ms(cluster, nodes[0]) if nodes else 0
     primaries: list[_Primary] = []
@@ -118,17 +105,6 @@ def cluster_figures(cluster: RedisCluster, keys: Keys, *, dead_limit: int = 100)
         ],
         "primaries": [p.figures() for p in primaries],
     }
-
-
-def _slots_by_primary(cluster: RedisCluster) -> dict[ClusterNode, list[int]]:
-    """The slots each primary serves, as the client last read the topology."""
-    by_name: dict[str, tuple[ClusterNode, list[int]]] = {}
-    cache_ = cluster.nodes_manager.slots_cache
-    for slot in range(SLOTS):
-        nodes = cache_.get(slot)
-        if nodes:
-            by_name.setdefault(nodes[0].name, (nodes[0], []))[1].append(slot)
-    return dict(by_name.values())
 
 
 def _now_ms(cluster: RedisCluster, node: ClusterNode) -> int:

@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
 from typing import Any
 
 import redis
@@ -30,6 +32,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from delayq.cluster.slots import SLOTS
 from delayq.store import check_replicated
 
 log = logging.getLogger("delayq.cluster")
@@ -51,6 +54,29 @@ RETRIABLE = (
     redis.exceptions.ReadOnlyError,
     redis.exceptions.MasterDownError,
 )
+
+
+def slots_by_primary(cluster: RedisCluster) -> dict[ClusterNode, list[int]]:
+    """The slots each primary serves, as the client last read the topology (a slot no
+    primary serves right now is left out)."""
+    by_name: dict[str, tuple[ClusterNode, list[int]]] = {}
+    served = cluster.nodes_manager.slots_cache
+    for slot in range(SLOTS):
+        nodes = served.get(slot)
+        if nodes:
+            by_name.setdefault(nodes[0].name, (nodes[0], []))[1].append(slot)
+    return dict(by_name.values())
+
+
+@cache
+def _script_text(name: str) -> str:
+    return (files("delayq") / "lua" / f"{name}.lua").read_text()
+
+
+def read_only_script(cluster: RedisCluster, name: str) -> Script:
+    """One of the cluster's read-only, cross-slot scripts (`peek_slots`,
+    `cluster_figures`), to be run on one node: `script(keys=[], args=..., client=node)`."""
+    return cluster.register_script(_script_text(name))
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ from typing import Any, TypeVar
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
 
-from delayq.cluster.router import Call, Router
+from delayq.cluster.router import Call, Router, read_only_script, slots_by_primary
 from delayq.cluster.slots import SLOTS, partition, slot_of
 from delayq.keys import Keys, parse_firing_id
 from delayq.redis_conn import Scripts
@@ -69,6 +70,8 @@ from delayq.store import (
 log = logging.getLogger("delayq.cluster")
 
 T = TypeVar("T")
+#: What the store's `*_call` helpers return: a script's keys and arguments.
+Built = tuple[list[str], list[Any]]
 
 #: Seconds between full reads of every slot's next due time and lease end.
 REFRESH_S = 5.0
@@ -201,7 +204,7 @@ class ClusterStore:
         self._sweep: dict[str, tuple[ClusterNode, int]] | None = None
         self._sweep_turn = 0
         lua = files("delayq") / "lua"
-        self._peek_script = client.register_script((lua / "peek_slots.lua").read_text())
+        self._peek_script = read_only_script(client, "peek_slots")
         self._adopt_node_script = client.register_script(
             "#!lua flags=allow-cross-slot-keys\n"
             + (lua / "_clock.lua").read_text()
@@ -217,6 +220,13 @@ class ClusterStore:
     def partition_of(self, key: str) -> Keys:
         return self.partition(slot_of(key))
 
+    def _calls(
+        self, script: Script, groups: dict[int, list[T]], build: Callable[[Keys, list[T]], Built]
+    ) -> list[Call]:
+        """One call of `script` per slot, its keys and arguments built for the slot's
+        partition from the slot's group (`build(partition, group)`)."""
+        return [Call(s, script, *build(self.partition(s), g)) for s, g in groups.items()]
+
     def _per_slot(self, items: Iterable[T], key: Callable[[T], str]) -> dict[int, list[T]]:
         groups: dict[int, list[T]] = defaultdict(list)
         for item in items:
@@ -229,10 +239,7 @@ class ClusterStore:
         """Arm or move timers. Returns each due time (epoch ms), in order."""
         order = {t[0]: i for i, t in enumerate(timers)}
         groups = self._per_slot(timers, lambda t: t[0])
-        calls = [
-            Call(slot, self.scripts.schedule, *schedule_call(self.partition(slot), group))
-            for slot, group in groups.items()
-        ]
+        calls = self._calls(self.scripts.schedule, groups, schedule_call)
         replies = self.router.run(calls, wait=bool(self.wait_replicas))
         due = [0] * len(timers)
         for group, reply in zip(groups.values(), replies, strict=True):
@@ -243,10 +250,7 @@ class ClusterStore:
     def schedule_bulk(self, chunks: Sequence[Sequence[Timer]]) -> None:
         """Schedule many timers: one call per slot, pipelined per primary."""
         groups = self._per_slot((t for chunk in chunks for t in chunk), lambda t: t[0])
-        calls = [
-            Call(slot, self.scripts.schedule, *schedule_call(self.partition(slot), group))
-            for slot, group in groups.items()
-        ]
+        calls = self._calls(self.scripts.schedule, groups, schedule_call)
         self.router.run(calls, wait=bool(self.wait_replicas))
 
     def cancel(self, key: str) -> int:
@@ -376,7 +380,7 @@ class ClusterStore:
         wakeups: dict[int, int] = {}
         read: set[int] = set()
         since = self.view.mark()
-        for node, slots in self._slots_by_primary().items():
+        for node, slots in slots_by_primary(self.client).items():
             try:
                 wakeups.update(self._peek(node, slots))
             except redis.RedisError as exc:
@@ -391,16 +395,6 @@ class ClusterStore:
                     continue
             read.update(slots)
         self.view.replace(wakeups, read, since)
-
-    def _slots_by_primary(self) -> dict[ClusterNode, list[int]]:
-        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
-        for slot in range(SLOTS):
-            try:
-                node = self.router.primary_of(slot)
-            except (redis.RedisError, IndexError):
-                continue  # no primary serves it right now: read on the next refresh
-            by_node.setdefault(node.name, (node, []))[1].append(slot)
-        return dict(by_node.values())
 
     def _peek(self, node: ClusterNode, slots: list[int]) -> dict[int, int]:
         """PEEK_CHUNK slots per script call: each holds the node ~1 ms."""
@@ -438,14 +432,9 @@ class ClusterStore:
 
     def claim_expired(self, timer_keys: Sequence[str], lease_ms: int) -> list[Firing]:
         groups = self._per_slot(timer_keys, str)
-        calls = [
-            Call(
-                slot,
-                self.scripts.claim_expired,
-                *claim_expired_call(self.partition(slot), g, lease_ms),
-            )
-            for slot, g in groups.items()
-        ]
+        calls = self._calls(
+            self.scripts.claim_expired, groups, lambda k, g: claim_expired_call(k, g, lease_ms)
+        )
         return [
             Firing.from_id(str(fid), reclaimed=True)
             for reply in self.router.run(calls)
@@ -482,13 +471,9 @@ class ClusterStore:
         return self._sum(self.scripts.forget, forget_call, timer_keys)
 
     def _sum(
-        self,
-        script: Any,
-        build: Callable[[Keys, Sequence[str]], tuple[list[str], list[Any]]],
-        timer_keys: Sequence[str],
+        self, script: Script, build: Callable[[Keys, list[str]], Built], timer_keys: Sequence[str]
     ) -> int:
-        groups = self._per_slot(timer_keys, str)
-        calls = [Call(s, script, *build(self.partition(s), g)) for s, g in groups.items()]
+        calls = self._calls(script, self._per_slot(timer_keys, str), build)
         return sum(int(r) for r in self.router.run(calls))
 
     def scan_timers(self, cursor: int, count: int) -> tuple[int, list[str]]:
@@ -527,10 +512,7 @@ class ClusterStore:
     def ack(self, firing_ids: Sequence[str], recent_window_ms: int) -> None:
         groups = self._by_firing_slot(firing_ids)
         self.router.run(
-            [
-                Call(s, self.scripts.ack, *ack_call(self.partition(s), g, recent_window_ms))
-                for s, g in groups.items()
-            ]
+            self._calls(self.scripts.ack, groups, lambda k, g: ack_call(k, g, recent_window_ms))
         )
 
     def retry_later(
@@ -543,16 +525,11 @@ class ClusterStore:
         error: str,
     ) -> int:
         groups = self._by_firing_slot(firing_ids)
-        calls = [
-            Call(
-                s,
-                self.scripts.retry_later,
-                *retry_later_call(
-                    self.partition(s), g, max_attempts, backoff_ms, backoff_max_ms, error
-                ),
-            )
-            for s, g in groups.items()
-        ]
+        calls = self._calls(
+            self.scripts.retry_later,
+            groups,
+            lambda k, g: retry_later_call(k, g, max_attempts, backoff_ms, backoff_max_ms, error),
+        )
         dead = sum(int(r) for r in self.router.run(calls))
         # The retries come back when their backoff runs out: no sooner than this.
         for slot in groups:
@@ -562,35 +539,22 @@ class ClusterStore:
     def release(self, firing_ids: Sequence[str]) -> None:
         """Hand firings back, and tell every listener their slots have something due."""
         groups = self._by_firing_slot(firing_ids)
-        self.router.run(
-            [
-                Call(s, self.scripts.release, *release_call(self.partition(s), g))
-                for s, g in groups.items()
-            ]
-        )
+        self.router.run(self._calls(self.scripts.release, groups, release_call))
         for slot in groups:
             self.client.publish(self.partition(slot).wake_channel, 0)
 
     def renew(self, firing_ids: Sequence[str], lease_ms: int) -> int:
         groups = self._by_firing_slot(firing_ids)
-        calls = [
-            Call(s, self.scripts.renew, *renew_call(self.partition(s), g, lease_ms))
-            for s, g in groups.items()
-        ]
+        calls = self._calls(self.scripts.renew, groups, lambda k, g: renew_call(k, g, lease_ms))
         return sum(int(r) for r in self.router.run(calls))
 
     def requeue_dead(self, names: Iterable[str] = ()) -> int:
         """As TimerStore.requeue_dead, slot by slot."""
-        wanted = list(names)
-        if wanted:
-            slots = sorted({slot_of(n.rpartition("@")[0] if "@" in n else n) for n in wanted})
-        else:
-            slots = self._slots_with_dead()
+        # Names are firing ids (`KEY@DUE`) or timer keys: each belongs to its key's slot.
+        wanted = self._per_slot(names, lambda n: n.rpartition("@")[0] if "@" in n else n)
         n = 0
-        for slot in slots:
-            store = self._slot_store(slot)
-            mine = [x for x in wanted if slot_of(x.rpartition("@")[0] if "@" in x else x) == slot]
-            fields = store._dead_fields(mine)
+        for slot in sorted(wanted) if wanted else self._slots_with_dead():
+            fields = self._slot_store(slot)._dead_fields(wanted.get(slot, []))
             while chunk := list(islice(fields, REQUEUE_CHUNK)):
                 call = Call(
                     slot, self.scripts.retry_dead, *retry_dead_call(self.partition(slot), chunk)

@@ -100,6 +100,9 @@ class Settings:
     #: Set to an empty string if your table has no such column.
     cancelled_at_column: str = "cancelled_at"
     updated_at_column: str = "updated_at"
+    #: When each order was created (naive UTC, as delayq writes its own times):
+    #: `delayq reconcile` looks only at orders older than its --older-than.
+    created_at_column: str = "created_at"
     #: Actions of keys whose last part is a flag rather than an action name, as older
     #: producers write them (`SN1:1`): `1=cancel,2=complete`.
     flag_actions: str = ""
@@ -197,7 +200,7 @@ class Settings:
         for name in ("order_key_column", "status_column"):
             if not _IDENTIFIER_RE.fullmatch(getattr(self, name)):
                 raise InvalidInput(f"DELAYQ_{name.upper()}: not a valid column name")
-        for name in ("cancelled_at_column", "updated_at_column"):
+        for name in ("cancelled_at_column", "updated_at_column", "created_at_column"):
             value = getattr(self, name)
             if value and not _IDENTIFIER_RE.fullmatch(value):
                 raise InvalidInput(f"DELAYQ_{name.upper()}: not a valid column name")

@@ -135,14 +135,20 @@ class Scripts:
     def register(cls, client: redis.Redis, *, clock: str | None = None) -> Scripts:
         """Load the scripts for `client`. `clock` replaces `lua/_clock.lua` (tests move
         time by hand with it); every script reads the time through it."""
-        lua = files("delayq") / "lua"
-        prelude = (clock or (lua / "_clock.lua").read_text()) + (lua / "_prelude.lua").read_text()
         return cls(
             **{
-                name: client.register_script(prelude + (lua / f"{name}.lua").read_text())
+                name: client.register_script(script_source(name, clock=clock))
                 for name in SCRIPT_NAMES
             }
         )
+
+
+def script_source(name: str, *, clock: str | None = None) -> str:
+    """The Lua text of script `name` as Redis runs it: the clock and the prelude, then
+    the script (delayq/lua/). The blocking and the asyncio clients load the same text."""
+    lua = files("delayq") / "lua"
+    prelude = (clock or (lua / "_clock.lua").read_text()) + (lua / "_prelude.lua").read_text()
+    return prelude + (lua / f"{name}.lua").read_text()
 
 
 def notify_flags(client: redis.Redis) -> str | None:

@@ -18,11 +18,10 @@ from delayq.errors import DelayqError, InvalidInput
 from delayq.keys import timer_key
 from delayq.logs import setup_logging
 from delayq.observe import parse_address, serve
-from delayq.settings import Settings
+from delayq.settings import ENV_PREFIX, Settings
 from delayq.timing import parse_delay_ms, parse_due_at
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -34,18 +33,45 @@ app.add_typer(embedded_app, name="embedded")
 ActionOpt = Annotated[str, typer.Option("--action", "-a", help="What the timer does.")]
 
 
+def _setting(name: str) -> str:
+    """The environment variable of a setting, for `envvar=`: `--help` shows it, and the
+    value Typer reads from it is the one Settings.load would read (an empty variable is
+    'not set' to both), so the order stays flag > environment > .env > default."""
+    return ENV_PREFIX + name.upper()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from delayq import __version__
+
+        print(f"delayq {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     ctx: typer.Context,
     redis_url: Annotated[
-        str | None, typer.Option(help="Redis URL; its DB is the timer DB. [env: DELAYQ_REDIS_URL]")
+        str | None,
+        typer.Option(
+            envvar=_setting("redis_url"),
+            show_envvar=True,
+            help="Redis URL; its DB is the timer DB.",
+        ),
     ] = None,
     database_url: Annotated[
-        str | None, typer.Option(help="SQLAlchemy URL. [env: DELAYQ_DATABASE_URL]")
+        str | None,
+        typer.Option(envvar=_setting("database_url"), show_envvar=True, help="SQLAlchemy URL."),
     ] = None,
     env_file: Annotated[
         Path, typer.Option(help="Settings file read before the environment.")
     ] = Path(".env"),
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version."
+        ),
+    ] = False,
 ) -> None:
     ctx.obj = {"redis_url": redis_url, "database_url": database_url, "env_file": env_file}
 
@@ -54,8 +80,10 @@ AppOpt = Annotated[
     str | None,
     typer.Option(
         "--app",
+        envvar=_setting("app"),
+        show_envvar=True,
         help="Modules with @delayq.action handlers: shop.timers or path/timers.py, "
-        "comma-separated. [env: DELAYQ_APP]",
+        "comma-separated.",
     ),
 ]
 
@@ -115,8 +143,10 @@ def listen(
     http: Annotated[
         str | None,
         typer.Option(
+            envvar=_setting("http"),
+            show_envvar=True,
             help="Serve /metrics, /healthz, /readyz and the dashboard on HOST:PORT (':PORT' "
-            "is 127.0.0.1:PORT; all interfaces only as 0.0.0.0:PORT or [::]:PORT)."
+            "is 127.0.0.1:PORT; all interfaces only as 0.0.0.0:PORT or [::]:PORT).",
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",

@@ -1,0 +1,5 @@
+"""`python -m delayq`: the same command line as `delayq`."""
+
+from delayq.cli import main
+
+main()

@@ -47,12 +47,13 @@ outcomes = sa.Table(
 )
 
 
-def orders_table(settings: Settings) -> sa.TableClause:
-    """The orders table as configured (names were validated when settings were loaded)."""
+def orders_table(settings: Settings, *extra: sa.ColumnClause[Any]) -> sa.TableClause:
+    """The orders table as configured (names were validated when settings were loaded),
+    with the `extra` columns a caller reads too."""
     schema, _, name = settings.orders_table.rpartition(".")
     cols = [settings.order_key_column, settings.status_column]
     cols += [c for c in (settings.cancelled_at_column, settings.updated_at_column) if c]
-    return sa.table(name, *(sa.column(c) for c in cols), schema=schema or None)
+    return sa.table(name, *(sa.column(c) for c in cols), *extra, schema=schema or None)
 
 
 def make_engine(

@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 import sqlalchemy as sa
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from delayq import migrate
@@ -511,6 +512,8 @@ def run_bench(
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            # stderr: stdout is the figures' (`delayq bench --json | jq`).
+            console=Console(stderr=True),
             transient=True,
         ) as progress,
     ):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.exceptions import TyperException
@@ -21,6 +23,9 @@ from delayq.observe import parse_address, serve
 from delayq.settings import ENV_PREFIX, Settings
 from delayq.timing import parse_delay_ms, parse_due_at
 
+if TYPE_CHECKING:
+    from delayq.actions.registry import ActionSpec
+
 app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -31,6 +36,19 @@ embedded_app = typer.Typer(help="The embedded Redis used when DELAYQ_REDIS_URL i
 app.add_typer(embedded_app, name="embedded")
 
 ActionOpt = Annotated[str, typer.Option("--action", "-a", help="What the timer does.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _print_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _utc(when: datetime) -> str:
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _setting(name: str) -> str:
@@ -95,16 +113,21 @@ def _dq(ctx: typer.Context, **overrides: str | None) -> Delayq:
 
 
 @app.command()
-def migrate(ctx: typer.Context) -> None:
+def migrate(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Create or upgrade delayq's tables (safe to run while listeners run)."""
     before, after = _dq(ctx).migrate()
-    print(f"database schema: {before or 'empty'} -> {after}")
+    if as_json:
+        _print_json({"before": before, "after": after})
+    else:
+        print(f"database schema: {before or 'empty'} -> {after}")
 
 
 @app.command()
 def schedule(
     ctx: typer.Context,
-    order_sn: Annotated[str, typer.Argument(help="The order id (1-64 of A-Za-z0-9_.-).")],
+    order_sn: Annotated[
+        str | None, typer.Argument(help="The order id (1-64 of A-Za-z0-9_.-).", show_default=False)
+    ] = None,
     in_: Annotated[
         str | None, typer.Option("--in", help="Delay: 90s, 20m, 1h30m, 2d, 1200.")
     ] = None,
@@ -112,23 +135,86 @@ def schedule(
         str | None, typer.Option(help="Due time, ISO 8601 with zone: 2026-12-01T10:00Z.")
     ] = None,
     action: ActionOpt = "cancel",
+    from_file: Annotated[
+        str | None,
+        typer.Option(
+            "--from-file",
+            metavar="FILE",
+            help="Schedule every timer of a CSV or JSON lines file ('-': stdin), all rows "
+            "validated first; --in, --at and --action then apply to rows giving none. "
+            "See docs/cli.md.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Arm the timer of an order (again: move it; the last schedule wins)."""
-    if (in_ is None) == (at is None):
+    if in_ is not None and at is not None:
+        raise InvalidInput("give exactly one of --in DURATION or --at TIME")
+    # Bad input is refused before anything connects (or starts the embedded Redis).
+    when: timedelta | datetime | None = None
+    if in_ is not None:
+        when = timedelta(milliseconds=parse_delay_ms(in_))
+    elif at is not None:
+        when = parse_due_at(at)
+    if from_file is not None:
+        if order_sn is not None:
+            raise InvalidInput("give an ORDER_SN or --from-file FILE, not both")
+        _schedule_file(ctx, from_file, action, when, as_json)
+        return
+    if order_sn is None:
+        raise InvalidInput("Missing argument 'ORDER_SN' (or give --from-file FILE)")
+    if when is None:
         raise InvalidInput("give exactly one of --in DURATION or --at TIME")
     key = timer_key(order_sn, action)
-    # Bad input is refused before anything connects (or starts the embedded Redis).
-    when = parse_delay_ms(in_) / 1000 if in_ is not None else None
-    due_at = parse_due_at(at) if at is not None else None
-    due = _dq(ctx).producer.schedule(order_sn, when, at=due_at, action=action)
-    print(f"scheduled {key} due {due.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}")
+    if isinstance(when, datetime):
+        due = _dq(ctx).producer.schedule(order_sn, at=when, action=action)
+    else:
+        due = _dq(ctx).producer.schedule(order_sn, when, action=action)
+    if as_json:
+        _print_json({"timer": key, "order_sn": order_sn, "action": action, "due_at": _utc(due)})
+    else:
+        print(f"scheduled {key} due {_utc(due)}")
+
+
+def _schedule_file(
+    ctx: typer.Context,
+    name: str,
+    action: str,
+    default: timedelta | datetime | None,
+    as_json: bool,
+) -> None:
+    from delayq.timer_file import CHUNK_ROWS, TimerFile, batched, progress_bar
+
+    with TimerFile(name, action=action, default=default) as timers:
+        total = timers.count()  # every row validated before the first is written
+        producer = _dq(ctx).producer
+        done = 0
+        with progress_bar(total, f"scheduling from {timers.name}") as advance:
+            try:
+                for chunk in batched(timers.rows(), CHUNK_ROWS):
+                    done += producer.schedule_many([row.item for row in chunk])
+                    advance(len(chunk))
+            except DelayqError as exc:
+                # Scheduling again is safe (the last schedule wins): say how far it got.
+                raise type(exc)(
+                    f"{exc} (scheduled {done} of {total} timers from {timers.name} before)"
+                ) from exc
+    if as_json:
+        _print_json({"file": timers.name, "scheduled": done})
+    else:
+        print(f"scheduled {done} timers from {timers.name}")
 
 
 @app.command()
-def cancel(ctx: typer.Context, order_sn: str, action: ActionOpt = "cancel") -> None:
+def cancel(
+    ctx: typer.Context, order_sn: str, action: ActionOpt = "cancel", as_json: JsonOpt = False
+) -> None:
     """Disarm the timer of an order (it was paid)."""
     key = timer_key(order_sn, action)
-    if _dq(ctx).producer.cancel(order_sn, action=action):
+    cancelled = _dq(ctx).producer.cancel(order_sn, action=action)
+    if as_json:
+        _print_json({"timer": key, "order_sn": order_sn, "action": action, "cancelled": cancelled})
+    elif cancelled:
         print(f"cancelled {key}")
     else:
         print(f"no pending timer {key} (never set, already fired, or firing now)")
@@ -189,32 +275,52 @@ def check(
         str, typer.Option(help="listener (Redis and database) or producer (Redis only).")
     ] = "listener",
     app_: AppOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check Redis (reachable, permissions, keyspace notifications), the database
     (reachable, privileges, migrated) and the actions (modules import, tables exist)."""
     if role not in ("listener", "producer"):
         raise InvalidInput(f"invalid --role {role!r}: use listener or producer")
-    for line in _dq(ctx, app=app_).check(configure_redis=configure_redis, role=role):
+    lines = _dq(ctx, app=app_).check(configure_redis=configure_redis, role=role)
+    if as_json:  # a failed check is an error line and exit status, as without --json
+        warnings = [x.removeprefix("warning: ") for x in lines if x.startswith("warning:")]
+        ok = [x for x in lines if not x.startswith("warning:")]
+        _print_json({"ok": ok, "warnings": warnings})
+        return
+    for line in lines:
         print(line if line.startswith("warning:") else f"ok: {line}")
 
 
 @app.command()
-def actions(ctx: typer.Context, app_: AppOpt = None) -> None:
+def actions(ctx: typer.Context, app_: AppOpt = None, as_json: JsonOpt = False) -> None:
     """List the actions a listener would know: name, where it comes from, how it runs."""
     from delayq.actions.registry import describe
 
-    for spec in _dq(ctx, app=app_).actions:
+    specs = _dq(ctx, app=app_).actions
+    if as_json:
+        _print_json({"actions": [_action_json(spec) for spec in specs]})
+        return
+    for spec in specs:
         print(describe(spec))
 
 
+def _action_json(spec: ActionSpec) -> dict[str, Any]:
+    policy = spec.policy
+    return {
+        "name": spec.name,
+        "source": spec.source,
+        "runs": "batch" if spec.batch else "external" if spec.external else "in the transaction",
+        "tables": list(spec.tables),
+        "policy": None if policy is None else dataclasses.asdict(policy),
+    }
+
+
 @app.command()
-def status(
-    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
-) -> None:
+def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Pending, overdue, in-flight and dead-lettered timers, and outcomes of the last hour."""
     figures = _dq(ctx).status()
     if as_json:
-        print(json.dumps(figures, indent=2))
+        _print_json(figures)
         return
     for name, value in figures.items():
         if name == "listeners":
@@ -247,13 +353,13 @@ def inspect(
     ctx: typer.Context,
     order_sn: str,
     action: ActionOpt = "cancel",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """One timer: its state, due time, TTL, claim, dead letter and last outcome."""
     timer_key(order_sn, action)  # refuse bad input before connecting
     info = _dq(ctx).inspect(order_sn, action)
     if as_json:
-        print(json.dumps(info, indent=2))
+        _print_json(info)
         return
     for name, value in info.items():
         if isinstance(value, dict):
@@ -268,10 +374,15 @@ def retry_dead(
         list[str] | None, typer.Argument(help="Orders to re-queue (default: all).")
     ] = None,
     action: ActionOpt = "cancel",
+    as_json: JsonOpt = False,
 ) -> None:
     """Re-queue dead-lettered timers so they fire now."""
     keys = [timer_key(sn, action) for sn in order_sn or []]
-    print(f"re-queued {_dq(ctx).retry_dead(keys)} dead-lettered timers")
+    requeued = _dq(ctx).retry_dead(keys)
+    if as_json:
+        _print_json({"requeued": requeued})
+    else:
+        print(f"re-queued {requeued} dead-lettered timers")
 
 
 @app.command("copy-timers")
@@ -287,7 +398,7 @@ def copy_timers(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only count what would be copied.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Copy pending timers, in-flight firings, dead letters and legacy TTL keys from one
     Redis to another (a cluster); running it again copies only what is new. See
@@ -295,7 +406,10 @@ def copy_timers(
     from delayq.cluster.copy import copy_timers as copy
 
     report = copy(_dq(ctx).settings, from_url, to_url, dry_run=dry_run)
-    print(json.dumps(report.as_dict(), indent=2) if as_json else report.summary())
+    if as_json:
+        _print_json(report.as_dict())
+    else:
+        print(report.summary())
 
 
 @app.command()
@@ -348,8 +462,14 @@ def bench(
     ] = "cancel",
     drain_timeout: Annotated[float, typer.Option(help="Seconds to wait past the last due.")] = 120,
     json_file: Annotated[
-        Path | None, typer.Option("--json", help="Write the figures here.")
+        Path | None, typer.Option("--json-file", help="Write the figures (JSON) here.")
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the figures as one JSON object on stdout (progress: stderr)."
+        ),
+    ] = False,
     plot: Annotated[Path | None, typer.Option(help="Draw the lateness here (PNG).")] = None,
 ) -> None:
     """Measure lateness and throughput with the real listener; see BENCHMARKS.md."""
@@ -370,7 +490,11 @@ def bench(
         action=action,
         cluster=cluster,
     )
-    run_bench(cfg, json_path=json_file, plot_path=plot, out=print)
+    if as_json:
+        report = run_bench(cfg, json_path=json_file, plot_path=plot, out=_print_stderr)
+        _print_json(report)
+    else:
+        run_bench(cfg, json_path=json_file, plot_path=plot, out=print)
 
 
 @embedded_app.command("stop")

@@ -7,7 +7,7 @@ out=docs/bench
 mkdir -p "$out"
 MARIADB=${MARIADB:-mysql+pymysql://root@127.0.0.1:3306/test}
 POSTGRES=${POSTGRES:-postgresql+psycopg://postgres@127.0.0.1:5432/postgres}
-bench() { name=$1; shift; echo "== $name"; .venv/bin/delayq bench --json "$out/$name.json" --plot "$out/$name.png" "$@"; }
+bench() { name=$1; shift; echo "== $name"; .venv/bin/delayq bench --json-file "$out/$name.json" --plot "$out/$name.png" "$@"; }
 
 bench 1m-pending-mariadb --pending 1000000 --rate 1000 --duration 30 --database-url "$MARIADB"
 bench 1m-pending-sqlite --pending 1000000 --rate 1000 --duration 30

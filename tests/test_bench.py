@@ -23,7 +23,7 @@ RUN_FIELDS = {
 def _bench(tmp_path: Path, *args: str) -> dict[str, Any]:
     out = tmp_path / "bench.json"
     env = clean_env(HOME=str(tmp_path / "home"))
-    done = run_cli("bench", "--json", str(out), *args, env=env, cwd=tmp_path, timeout_s=240)
+    done = run_cli("bench", "--json-file", str(out), *args, env=env, cwd=tmp_path, timeout_s=240)
     assert done.returncode == 0, done.stdout + done.stderr
     report: dict[str, Any] = json.loads(out.read_text())
     return report

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.exceptions import TyperException
 
+from delayq.cli_completion import PROG, accept_click_spelling, explicit_shell
 from delayq.context import Delayq
 from delayq.errors import DelayqError, InvalidInput
 from delayq.keys import timer_key
@@ -508,9 +509,13 @@ def embedded_stop(ctx: typer.Context) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every error ends in one line on stderr and a non-zero exit."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    accept_click_spelling()
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="delayq", standalone_mode=False)
+        if explicit_shell(args):
+            sys.exit(0)
+        code = command.main(args=args, prog_name=PROG, standalone_mode=False)
     except typer.Exit as exc:
         code = exc.exit_code
     except DelayqError as exc:

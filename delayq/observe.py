@@ -243,7 +243,9 @@ def parse_address(text: str) -> tuple[str, int]:
     named: '0.0.0.0:9808', '[::]:9808'."""
     host, sep, port = text.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise InvalidInput(f"invalid --http address {text!r}: use HOST:PORT, e.g. 127.0.0.1:9808")
+        raise InvalidInput(
+            f"invalid --http address (DELAYQ_HTTP) {text!r}: use HOST:PORT, e.g. 127.0.0.1:9808"
+        )
     return host.strip("[]") or "127.0.0.1", int(port)
 
 

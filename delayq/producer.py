@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
-from datetime import datetime
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from functools import partial
 from itertools import islice
 from typing import TypeVar
 
 import redis
 
-from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
+from delayq import redis_errors
+from delayq.errors import InvalidInput, NotReady
 from delayq.keys import Keys, timer_key
-from delayq.redis_conn import client_url, connect, keys_for, unreachable
+from delayq.redis_conn import client_url, connect, keys_for
 from delayq.settings import Settings
 from delayq.store import CANCELLED, open_store
 from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
@@ -46,7 +48,15 @@ class Producer:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Producer:
+        """A producer for `settings` (default: the environment and `.env`). Refuses an
+        unset DELAYQ_REDIS_URL: a service whose setting is misspelt must not write timers
+        into a private Redis that no listener reads. `embedded` asks for that one."""
         settings = settings or Settings.load()
+        if not settings.redis_url:
+            raise NotReady(
+                "DELAYQ_REDIS_URL is not set: set it to the Redis your listener uses "
+                "(redis://host:6379/1), or to 'embedded' for a private local Redis"
+            )
         client = connect(settings)
         return cls(
             client,
@@ -62,69 +72,110 @@ class Producer:
         *,
         at: datetime | str | None = None,
         action: str = DEFAULT_ACTION,
+        connection: object | None = None,
     ) -> datetime:
         """Arm (or move: the last schedule wins) the timer of `order_sn`/`action` to fire
-        after `delay` or at `at`. Returns the due time in UTC."""
-        when: Delay | datetime
-        if at is not None and delay is None:
-            when = parse_due_at(at)
-        elif delay is not None and at is None:
-            when = delay
-        else:
-            raise InvalidInput("give either a delay or an absolute time (at=), not both")
-        spec = _spec(when)
-        key = timer_key(order_sn, action)
-        return from_ms(self._run(lambda: self.store.schedule([(key, *spec)]))[0])
+        after `delay` or at `at`. Returns the due time in UTC.
 
-    def schedule_many(self, items: Iterable[Item]) -> int:
+        With `connection` (your database connection or session, inside your transaction)
+        the request is written to the delayq_outbox table instead, and the listener sets
+        the timer once your transaction commits (docs/outbox.md); the due time returned is
+        then counted from now."""
+        timer = _timer(order_sn, delay, at, action)
+        if connection is not None:
+            return _staged(connection, [timer])
+        return from_ms(self._run(lambda: self.store.schedule([timer]))[0])
+
+    def schedule_many(self, items: Iterable[Item], *, connection: object | None = None) -> int:
         """Schedule many timers in pipelined round trips. Items are (order_sn, delay) or
         (order_sn, delay, action); a delay may also be an aware datetime. Every item is
-        validated before anything is written. Returns the number scheduled."""
+        validated before anything is written. Returns the number scheduled. With
+        `connection`, they are staged in your transaction (see `schedule`)."""
         prepared = [_prepare(item) for item in items]
-        it = iter(prepared)
-        while chunks := [
-            c for c in (list(islice(it, BULK_CHUNK)) for _ in range(BULK_PIPELINE_DEPTH)) if c
-        ]:
-            self._run(lambda: self.store.schedule_bulk(chunks))
+        if connection is not None:
+            if prepared:
+                _staged(connection, prepared)
+            return len(prepared)
+        for chunks in bulk_rounds(prepared):
+            self._run(partial(self.store.schedule_bulk, chunks))
         return len(prepared)
 
-    def cancel(self, order_sn: str, *, action: str = DEFAULT_ACTION) -> bool:
+    def cancel(
+        self, order_sn: str, *, action: str = DEFAULT_ACTION, connection: object | None = None
+    ) -> bool:
         """Disarm the timer (the order was paid). True only if no firing of the timer will
         apply after this returns: it was pending and is gone. False if nothing was pending,
         or a firing of it is being applied right now (a paid order is still never
-        cancelled: the listener re-checks the order's status in the same transaction)."""
+        cancelled: the listener re-checks the order's status in the same transaction).
+
+        With `connection`, the cancel is staged in your transaction and applied after it
+        commits, in order with the schedules staged before it; it returns True (staged)."""
         key = timer_key(order_sn, action)
+        if connection is not None:
+            from delayq.outbox import stage_cancel
+
+            stage_cancel(connection, [key])
+            return True
         return self._run(lambda: self.store.cancel(key)) == CANCELLED
 
     def _run(self, call: Callable[[], T]) -> T:
-        """Every Redis failure becomes one line naming the server (password masked)."""
-        url = client_url(self.client)
+        """Every Redis failure becomes a delayq exception naming the server (password
+        masked), with redis-py's exception as its cause. READONLY is retried once on fresh
+        connections: after a failover, a DNS name or proxy in front of Redis points at the
+        new primary while pooled connections still talk to the demoted one."""
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise unreachable(url, exc) from exc
-        except redis.exceptions.NoPermissionError as exc:
-            raise NotReady(
-                f"Redis at {url} refused the producer: {_first_line(exc)} "
-                "(the producer's ACL user needs the rules in deploy/redis/users.acl)"
-            ) from exc
-        except redis.exceptions.ReadOnlyError as exc:
-            raise ServiceUnavailable(
-                f"Redis at {url} is a read-only replica: point DELAYQ_REDIS_URL at the "
-                f"primary ({_first_line(exc)})"
-            ) from exc
-        except redis.exceptions.OutOfMemoryError as exc:
-            raise ServiceUnavailable(
-                f"Redis at {url} is out of memory and refused the timer: {_first_line(exc)}"
-            ) from exc
-        except redis.ResponseError as exc:
-            raise ServiceUnavailable(
-                f"Redis at {url} refused the call: {_first_line(exc)}"
-            ) from exc
+        except Exception as exc:
+            if not redis_errors.is_redis_failure(exc):
+                raise
+            if not redis_errors.is_readonly(exc):
+                raise redis_errors.wrap(client_url(self.client), exc) from exc
+            first = exc
+        self.client.connection_pool.disconnect()
+        try:
+            return call()
+        except Exception as exc:
+            if not redis_errors.is_redis_failure(exc):
+                raise
+            raise redis_errors.wrap(client_url(self.client), exc) from first
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__).splitlines()[0]
+def _timer(
+    order_sn: str, delay: Delay | None, at: datetime | str | None, action: str
+) -> tuple[str, str, int]:
+    when: Delay | datetime
+    if at is not None and delay is None:
+        when = parse_due_at(at)
+    elif delay is not None and at is None:
+        when = delay
+    else:
+        raise InvalidInput("give either a delay or an absolute time (at=), not both")
+    return (timer_key(order_sn, action), *_spec(when))
+
+
+def _staged(connection: object, timers: list[tuple[str, str, int]]) -> datetime:
+    """Write `timers` to the outbox in the caller's transaction; the first one's due time
+    (a delay counted from now)."""
+    from delayq.outbox import stage_schedule
+
+    stage_schedule(connection, timers)
+    return staged_due(timers)
+
+
+def staged_due(timers: list[tuple[str, str, int]]) -> datetime:
+    """The due time a staged request answers with: the first timer's (a delay is counted
+    from now; the listener counts it from when it relays the row)."""
+    _, spec, ms = timers[0]
+    return from_ms(ms if spec == "at" else to_ms(datetime.now(UTC)) + ms)
+
+
+def bulk_rounds(prepared: list[tuple[str, str, int]]) -> Iterator[list[list[tuple[str, str, int]]]]:
+    """schedule_many's round trips: up to BULK_PIPELINE_DEPTH chunks of BULK_CHUNK timers."""
+    it = iter(prepared)
+    while chunks := [
+        c for c in (list(islice(it, BULK_CHUNK)) for _ in range(BULK_PIPELINE_DEPTH)) if c
+    ]:
+        yield chunks
 
 
 def _spec(delay: Delay | datetime) -> tuple[str, int]:
@@ -159,17 +210,37 @@ def schedule_expiry(
     *,
     at: datetime | str | None = None,
     action: str = DEFAULT_ACTION,
+    connection: object | None = None,
 ) -> datetime:
     """Fire `action` (default: cancel the order if still unpaid) after `delay` (seconds,
-    timedelta or '20m') or at `at`. Scheduling again moves the due time. Returns it (UTC)."""
+    timedelta or '20m') or at `at`. Scheduling again moves the due time. Returns it (UTC).
+
+    `connection=` (a SQLAlchemy connection or session, a Django or DB-API connection)
+    stages it in your transaction: the timer exists if and only if that commits, and
+    nothing talks to Redis here (docs/outbox.md)."""
+    if connection is not None:
+        return _staged(connection, [_timer(order_sn, delay, at, action)])
     return default_producer().schedule(order_sn, delay, at=at, action=action)
 
 
-def cancel_expiry(order_sn: str, *, action: str = DEFAULT_ACTION) -> bool:
-    """The order was paid: the timer must not fire. True if a pending timer was removed."""
+def cancel_expiry(
+    order_sn: str, *, action: str = DEFAULT_ACTION, connection: object | None = None
+) -> bool:
+    """The order was paid: the timer must not fire. True if a pending timer was removed
+    (with `connection=`: the cancel is staged in your transaction)."""
+    if connection is not None:
+        from delayq.outbox import stage_cancel
+
+        stage_cancel(connection, [timer_key(order_sn, action)])
+        return True
     return default_producer().cancel(order_sn, action=action)
 
 
-def schedule_many(items: Iterable[Item]) -> int:
+def schedule_many(items: Iterable[Item], *, connection: object | None = None) -> int:
     """Schedule many timers in few round trips; see Producer.schedule_many."""
+    if connection is not None:
+        prepared = [_prepare(item) for item in items]
+        if prepared:
+            _staged(connection, prepared)
+        return len(prepared)
     return default_producer().schedule_many(items)

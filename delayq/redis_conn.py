@@ -40,7 +40,8 @@ def unreachable(url: str, exc: BaseException) -> ServiceUnavailable:
 
 def redis_url(settings: Settings) -> str:
     """The Redis URL to use: the configured one, or the embedded server (started if needed)."""
-    if settings.redis_url:
+    if not settings.embedded_redis:
+        assert settings.redis_url is not None
         return settings.redis_url
     from delayq.embedded import ensure_embedded_redis
 
@@ -67,7 +68,7 @@ def connect(settings: Settings, **kwargs: Any) -> redis.Redis:
         client: redis.Redis = redis.Redis.from_url(url, **opts)
         client.ping()
     except (redis.RedisError, RedisClusterException) as exc:  # the latter: no seed answers
-        raise unreachable(url, exc) from None
+        raise unreachable(url, exc) from exc
     return client
 
 

@@ -13,12 +13,13 @@ from urllib.parse import unquote_plus, urlsplit
 
 import redis.connection
 from dotenv import dotenv_values
-from sqlalchemy.engine import make_url as sa_make_url
 
 from delayq.errors import InvalidInput
 from delayq.timing import ACTION_RE
 
 ENV_PREFIX = "DELAYQ_"
+#: DELAYQ_REDIS_URL's value asking for the embedded Redis explicitly.
+EMBEDDED = "embedded"
 _IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _QUALIFIED_RE = re.compile(rf"(?:{_IDENTIFIER_RE.pattern}\.)?{_IDENTIFIER_RE.pattern}")
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
@@ -76,7 +77,9 @@ def _mask_url(url: str) -> str:
 class Settings:
     """Everything delayq can be told. Each field reads `DELAYQ_<FIELD NAME IN CAPITALS>`."""
 
-    #: Redis holding the timers; its DB number is the dedicated timer DB. None: embedded Redis.
+    #: Redis holding the timers; its DB number is the dedicated timer DB. `embedded`: a
+    #: private local redis-server (development). Unset: the CLI uses the embedded one and
+    #: says so; a library call (schedule_expiry) refuses, naming this setting.
     redis_url: str | None = None
     #: Any SQLAlchemy URL. None: an SQLite file in `home`.
     database_url: str | None = None
@@ -166,7 +169,7 @@ class Settings:
 
     @property
     def embedded_redis(self) -> bool:
-        return not self.redis_url
+        return not self.redis_url or self.redis_url == EMBEDDED
 
     @property
     def effective_database_url(self) -> str:
@@ -299,7 +302,9 @@ class Settings:
 
     def _validate_urls(self) -> None:
         # Checked here, before anything connects or the embedded Redis starts.
-        if self.redis_url and urlsplit(self.redis_url).scheme.endswith("+cluster"):
+        if self.redis_url == EMBEDDED:
+            pass
+        elif self.redis_url and urlsplit(self.redis_url).scheme.endswith("+cluster"):
             from delayq.cluster.url import parse_cluster_url
 
             parse_cluster_url(self.redis_url)
@@ -315,6 +320,10 @@ class Settings:
                     "rediss://, unix:// or redis+cluster:// URL"
                 )
         if self.database_url:
+            try:
+                from sqlalchemy.engine import make_url as sa_make_url
+            except ImportError:  # a producer-only install: it never opens the database
+                return
             try:
                 url = sa_make_url(self.database_url)
                 _ = url.port

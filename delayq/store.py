@@ -38,6 +38,8 @@ from delayq.redis_conn import Scripts
 #: Dead letters re-queued per script call, so that re-queuing 100,000 holds Redis only
 #: ~1 ms at a time.
 REQUEUE_CHUNK = 500
+#: Index shards read per call by `pending_page` (about 60 timers each with 1M pending).
+PENDING_PAGE_SHARDS = 64
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,16 @@ class TimerStore:
             claims=sorted(claims, key=lambda c: c[0].due_ms),
             dead=sorted(dead, key=lambda d: int(d["due_ms"])),
         )
+
+    def pending_page(self, cursor: int) -> tuple[int, list[tuple[str, int]]]:
+        """One bounded step over the due index, in shard order: (next cursor, 0 once every
+        shard was read; the (timer key, due ms) of PENDING_PAGE_SHARDS shards). Start at 0."""
+        end = min(cursor + PENDING_PAGE_SHARDS, self.keys.shards)
+        pipe = self.client.pipeline(transaction=False)
+        for n in range(cursor, end):
+            pipe.zrange(f"{self.keys.shard_prefix}{n}", 0, -1, withscores=True)
+        found = [(str(key), int(due)) for entries in pipe.execute() for key, due in entries]
+        return (0 if end >= self.keys.shards else end), found
 
     def renew(self, firing_ids: Sequence[str], lease_ms: int) -> int:
         """Extend the leases of claimed firings still being worked on (an external call

@@ -579,6 +579,16 @@ class ClusterStore:
     def timer_state(self, key: str) -> TimerState:
         return self._slot_store(slot_of(key)).timer_state(key)
 
+    def pending_page(self, cursor: int) -> tuple[int, list[tuple[str, int]]]:
+        """As TimerStore.pending_page, over hash slots: 256 slots' indexes a call,
+        pipelined per primary by RedisCluster."""
+        end = min(cursor + PEEK_CHUNK, SLOTS)
+        pipe = self.client.pipeline()  # type: ignore[no-untyped-call]
+        for slot in range(cursor, end):
+            pipe.zrange(f"{self.partition(slot).shard_prefix}0", 0, -1, withscores=True)
+        found = [(str(key), int(due)) for entries in pipe.execute() for key, due in entries]
+        return (0 if end >= SLOTS else end), found
+
     def heartbeat(self, listener_id: str) -> None:
         slot = slot_of(self.keys.listeners)
         call = Call(slot, self.scripts.heartbeat, [self.keys.listeners], [listener_id])

@@ -17,7 +17,6 @@ from sqlalchemy.engine import Engine, make_url
 
 from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
 from delayq.outbox.table import OUTBOX_CHECK, OUTBOX_TABLE
-from delayq.outbox.table import OUTBOX_CHECK, OUTBOX_TABLE
 from delayq.settings import Settings, mask_url
 
 #: Microsecond timestamps everywhere (MariaDB's DATETIME defaults to whole seconds). All

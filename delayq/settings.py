@@ -132,6 +132,11 @@ class Settings:
     #: A batch still running after this long is abandoned: its database connection is
     #: broken and the batch retried on a fresh one. Keep it above the slowest healthy batch.
     batch_timeout_s: float = 30.0
+    #: How often the listener looks for committed rows in delayq_outbox (staged with
+    #: connection=): a look at an empty table is one indexed read. 0 turns the relay off.
+    outbox_poll_s: float = 0.005
+    #: Most outbox rows relayed to Redis in one database transaction.
+    outbox_batch: int = 500
     #: Serve /metrics, /healthz, /readyz and the dashboard on HOST:PORT (off when empty).
     http: str | None = None
     #: Token the dashboard's re-queue button asks for (re-queueing is off when empty).
@@ -249,6 +254,10 @@ class Settings:
         for name in ("db_timeout_s", "batch_timeout_s", "external_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"DELAYQ_{name.upper()}: must be > 0")
+        if not (math.isfinite(self.outbox_poll_s) and 0 <= self.outbox_poll_s <= 10):
+            raise InvalidInput("DELAYQ_OUTBOX_POLL_S: must be between 0 (relay off) and 10 s")
+        if not 1 <= self.outbox_batch <= 10_000:
+            raise InvalidInput("DELAYQ_OUTBOX_BATCH: must be between 1 and 10000")
         if not 0 <= self.wait_replicas <= 16:
             raise InvalidInput("DELAYQ_WAIT_REPLICAS: must be between 0 and 16")
         if not 1 <= self.wait_timeout_ms <= 600_000:

@@ -235,26 +235,36 @@ class TimerTestServer:
 
     def fire_due(self, within: Delay | None = None) -> list[Fired]:
         """Fire now, in this thread, every timer due within `within` ('20m', seconds or a
-        timedelta; default: every pending timer), and everything already due; returns what
-        became of each firing. Each is claimed, applied in the database (your
-        @delayq.action handlers included) and acknowledged as a listener would; a
+        timedelta; default: every timer pending now), and everything already due; returns
+        what became of each firing, in due order. Each is claimed, applied in the database
+        (your @delayq.action handlers included) and acknowledged as a listener would; a
         handler that raises gives a `failed` outcome and its firing is retried after its
-        backoff. Raises ServiceUnavailable if the database or Redis fails."""
-        store = self.delayq.store
+        backoff. Raises ServiceUnavailable if the database or Redis fails.
+
+        Time order is kept where it matters: timers are fired in waves, in due order, and
+        two timers of one order are never in the same wave (an order's reminder at 15
+        minutes is applied before its cancel at 20). Timers that handlers schedule while
+        this runs are left pending: call fire_due again."""
         now_ms = _redis_now_ms(self.redis)
         limit = None if within is None else now_ms + parse_delay_ms(within)
         self._adopt_ttl_keys()
-        wanted = [(key, due) for key, due in self._index() if limit is None or due <= limit]
-        originals = {firing_id(key, due): due for key, due in wanted if due <= now_ms}
-        later = [(key, due) for key, due in wanted if due > now_ms]
-        for start in range(0, len(later), _CHUNK):
-            chunk = later[start : start + _CHUNK]
-            for key, (was, now_due) in self._make_due(store, chunk).items():
-                originals[firing_id(key, now_due)] = was
         if not self._migrated:
             self.migrate()
-        fired = [_fired(o, originals) for o in self._drainer().drain()]
-        self.fired += fired
+        fired: list[Fired] = []
+        wanted = [(key, due) for key, due in self._index() if limit is None or due <= limit]
+        for wave in _waves(sorted(wanted, key=_due)):
+            originals = {firing_id(key, due): due for key, due in wave if due <= now_ms}
+            later = [(key, due) for key, due in wave if due > now_ms]
+            for start in range(0, len(later), _CHUNK):
+                made_due = self._make_due(later[start : start + _CHUNK])
+                for key, (was, due) in made_due.items():
+                    originals[firing_id(key, due)] = was
+            wave_fired = [_fired(o, originals) for o in self._drainer().drain()]
+            self.fired += wave_fired
+            fired += wave_fired
+        if not wanted:  # nothing pending, but maybe firings whose retry time has come
+            fired = [_fired(o, {}) for o in self._drainer().drain()]
+            self.fired += fired
         return fired
 
     def migrate(self) -> None:
@@ -292,7 +302,7 @@ class TimerTestServer:
             if cursor == 0:
                 return
 
-    def _make_due(self, store: Any, timers: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+    def _make_due(self, timers: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
         """Reschedule `timers` to now, each only if it is still pending at the due time it
         was read with: a timer cancelled or moved meanwhile is left as it is. Returns
         {timer key: (due before, due now)}."""
@@ -312,7 +322,7 @@ class TimerTestServer:
                         return {}
                     pipe.multi()
                     keys, args = schedule_call(k, [(key, "in", 0) for key, _ in still])
-                    store.scripts.schedule(keys=keys, args=args, client=pipe)
+                    self.delayq.scripts.schedule(keys=keys, args=args, client=pipe)
                     (dues,) = pipe.execute()
                 except redis.WatchError:
                     continue
@@ -355,6 +365,21 @@ def _fired(o: Outcome, originals: dict[str, int]) -> Fired:
         attempt=o.firing.attempt,
         error=o.error,
     )
+
+
+def _waves(timers: list[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
+    """`timers` (in due order) cut where an order comes round again."""
+    wave: list[tuple[str, int]] = []
+    orders: set[str] = set()
+    for key, due in timers:
+        order_sn = _split(key)[0]
+        if order_sn in orders:
+            yield wave
+            wave, orders = [], set()
+        wave.append((key, due))
+        orders.add(order_sn)
+    if wave:
+        yield wave
 
 
 def _split(key: str) -> tuple[str, str]:

@@ -414,6 +414,60 @@ def copy_timers(
 
 
 @app.command()
+def reconcile(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str,
+        typer.Option(
+            help="Look at orders created longer ago than this (20m, 2h, 1d): above the "
+            "longest delay you schedule, since --fix makes them fire now."
+        ),
+    ],
+    action: ActionOpt = "cancel",
+    status: Annotated[
+        str | None,
+        typer.Option(
+            help="The status orders are in until the action fires (default: unpaid for "
+            "cancel, paid for complete; needed for any other action)."
+        ),
+    ] = None,
+    fix: Annotated[
+        bool, typer.Option("--fix", help="Schedule the lost timers to fire now.")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many lost orders.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Orders read per query.")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    app_: AppOpt = None,
+) -> None:
+    """Find orders whose timer is lost: still in the action's starting status, older than
+    --older-than, no timer in Redis, no outcome. Only reports unless --fix; see
+    docs/reconcile.md."""
+    from delayq.reconcile import Request, terminal_progress
+    from delayq.reconcile import reconcile as run
+
+    dq = _dq(ctx, app=app_)
+    request = Request.make(
+        dq.settings,
+        action=action,
+        older_than=older_than,
+        status=status,
+        limit=limit,
+        batch_size=batch_size,
+    )
+    with terminal_progress() as progress:
+        report = run(
+            dq.settings,
+            dq.engine,
+            dq.producer,
+            request,
+            fix=fix,
+            progress=progress,
+            known_actions=lambda: [spec.name for spec in dq.actions],
+        )
+    print(json.dumps(report.as_dict(), indent=2) if as_json else report.summary())
+
+
+@app.command()
 def demo(
     ctx: typer.Context,
     delay_s: Annotated[float, typer.Option(help="How far ahead the demo's timers are.")] = 2.0,

@@ -1,0 +1,398 @@
+"""delayq.aio, the asyncio producer, in real event loops against real servers: what it
+leaves in Redis (the same as the blocking producer), that it never blocks the loop, that
+every Redis failure is a delayq exception with redis-py's as its cause, and that a timer
+it schedules is fired by a real `delayq listen`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+import redis.asyncio
+
+import delayq.embedded
+from delayq import aio
+from delayq.aio import AsyncProducer
+from delayq.errors import InvalidInput, NotReady, NotReplicated, ServiceUnavailable
+from delayq.keys import Keys
+from delayq.producer import BULK_CHUNK, BULK_PIPELINE_DEPTH
+from delayq.redis_errors import OutOfMemory, PermissionDenied, ReadOnlyReplica
+from delayq.settings import Settings
+from delayq.timing import to_ms
+from tests.harness import (
+    ListenerProcess,
+    clean_env,
+    create_orders,
+    engine_for,
+    index_members,
+    index_score,
+    index_size,
+    migrate_cli,
+    statuses,
+)
+from tests.servers import HOST, RedisFactory, RedisServer, free_port, wait_for
+
+T = TypeVar("T")
+KEYS = Keys(db=0)
+#: A primary that sends a new replica its data at once (the default waits 5 s for others).
+QUICK_SYNC = {"repl-diskless-sync-delay": "0"}
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` in a fresh event loop, as an asyncio service would."""
+    return asyncio.run(coro)
+
+
+def producer_for(url: str, **kwargs: Any) -> AsyncProducer:
+    """Built inside the loop that uses it: redis.asyncio connections belong to one loop."""
+    return AsyncProducer(redis.asyncio.Redis.from_url(url, decode_responses=True), KEYS, **kwargs)
+
+
+async def with_producer(url: str, use: Callable[[AsyncProducer], Awaitable[T]], **kw: Any) -> T:
+    async with producer_for(url, **kw) as producer:
+        return await use(producer)
+
+
+def assert_armed(client: redis.Redis, key: str, due: datetime) -> None:
+    """The TTL key and the index entry agree with each other and with `due`, to the ms."""
+    assert client.pexpiretime(key) == to_ms(due)
+    assert index_score(client, key) == to_ms(due)
+
+
+@pytest.fixture
+def settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No DELAYQ_* from the developer's environment, and no .env in the working dir."""
+    for name in [n for n in os.environ if n.startswith("DELAYQ_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+# -- what it writes --------------------------------------------------------------------
+
+
+def test_schedule_reschedule_and_cancel_in_a_running_loop_write_what_the_blocking_one_does(
+    any_redis: RedisServer,
+) -> None:
+    client = any_redis.client()
+
+    async def scenario(p: AsyncProducer) -> tuple[datetime, ...]:
+        first = await p.schedule("SN1", "20m")
+        assert_armed(client, "SN1:cancel", first)
+        earlier = await p.schedule("SN1", timedelta(minutes=5))  # the last schedule wins
+        assert_armed(client, "SN1:cancel", earlier)
+        at = datetime(2099, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+        exact = await p.schedule("SN2", at=at, action="complete")
+        assert exact == at
+        assert_armed(client, "SN2:complete", at)
+        assert await p.cancel("SN1") is True
+        assert await p.cancel("SN1") is False  # nothing pending any more
+        return first, earlier
+
+    first, earlier = run(with_producer(any_redis.url(), scenario))
+    assert earlier < first
+    assert first.tzinfo == UTC
+    assert client.exists("SN1:cancel") == 0
+    assert index_members(client) == ["SN2:complete"]
+
+
+def test_schedule_many_arms_every_item_over_several_pipelined_rounds(
+    redis_server: RedisServer,
+) -> None:
+    client = redis_server.client()
+    n = BULK_CHUNK * BULK_PIPELINE_DEPTH + 250  # more than one round trip
+    items = [(f"SN{i}", 600 + i % 7) for i in range(n)]
+    items.append(("SN-X", "1h", "complete"))
+
+    assert run(with_producer(redis_server.url(), lambda p: p.schedule_many(items))) == n + 1
+    assert index_size(client) == n + 1
+    assert client.pttl("SN-X:complete") > 3_500_000
+
+
+def test_bad_input_raises_invalid_input_before_any_io() -> None:
+    """Against a closed port: any I/O would raise ServiceUnavailable instead."""
+    url = f"redis://{HOST}:{free_port()}/0"
+    bad: list[Callable[[AsyncProducer], Awaitable[object]]] = [
+        lambda p: p.schedule("SN 1", "20m"),
+        lambda p: p.schedule("SN1", "20m", at="2099-01-01T00:00:00Z"),
+        lambda p: p.schedule("SN1"),
+        lambda p: p.schedule("SN1", "soon"),
+        lambda p: p.schedule("SN1", "20m", action="no such action!"),
+        lambda p: p.schedule("SN1", at=datetime(2099, 1, 1)),  # naive: which zone?
+        lambda p: p.cancel("SN:1"),
+        lambda p: p.schedule_many([("SN1", "1m"), ("SN2",)]),  # type: ignore[list-item]
+        lambda p: p.schedule_many([("SN1", "1m"), ("SN 2", "1m")]),
+    ]
+    for call in bad:
+        with pytest.raises(InvalidInput) as caught:
+            run(with_producer(url, call))
+        assert isinstance(caught.value, ValueError)
+        assert "\n" not in str(caught.value)
+
+
+# -- the module-level coroutines and their default producer ------------------------------
+
+
+def test_module_coroutines_use_one_producer_per_loop_built_from_the_environment(
+    redis_server: RedisServer, settings_env: pytest.MonkeyPatch
+) -> None:
+    settings_env.setenv("DELAYQ_REDIS_URL", redis_server.url(0))
+    client = redis_server.client()
+
+    async def first_loop() -> AsyncProducer:
+        due = await aio.schedule_expiry("SN-A", "20m")
+        assert_armed(client, "SN-A:cancel", due)
+        assert await aio.schedule_many([("SN-B", 60), ("SN-C", 60, "complete")]) == 2
+        assert await aio.cancel_expiry("SN-B") is True
+        return await aio.default_producer()
+
+    async def second_loop(before: AsyncProducer) -> None:
+        # A new loop cannot use the old loop's connections: it gets a producer of its own.
+        assert await aio.cancel_expiry("SN-A") is True
+        assert await aio.default_producer() is not before
+        await aio.aclose()
+
+    before = run(first_loop())
+    run(second_loop(before))
+    assert index_members(client) == ["SN-C:complete"]
+
+
+def test_module_coroutines_validate_before_reading_any_setting(
+    settings_env: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(InvalidInput):
+        run(aio.schedule_expiry("SN 1", "20m"))
+    with pytest.raises(InvalidInput):
+        run(aio.cancel_expiry("SN1", action="Nope!"))
+    with pytest.raises(InvalidInput):
+        run(aio.schedule_many([("SN1", -5)]))
+
+
+def test_no_redis_url_is_refused_in_one_line_like_the_blocking_producer(
+    settings_env: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(NotReady, match=r"^DELAYQ_REDIS_URL is not set: ") as caught:
+        run(aio.schedule_expiry("SN1", "20m"))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_cluster_url_is_refused_with_what_to_use_instead(
+    settings_env: pytest.MonkeyPatch,
+) -> None:
+    settings_env.setenv("DELAYQ_REDIS_URL", f"redis+cluster://{HOST}:{free_port()}")
+    with pytest.raises(NotReady, match="does not support clusters yet"):
+        run(aio.schedule_expiry("SN1", "20m"))
+
+
+def test_embedded_redis_is_started_on_a_worker_thread_not_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting redis-server waits for it to answer: from_settings does that off the loop."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is part of the test set-up"
+    settings = Settings(redis_url="embedded", home=tmp_path / "home", redis_server_bin=binary)
+    started_on: list[threading.Thread] = []
+    real_start = delayq.embedded.ensure_embedded_redis
+
+    def start(s: Settings) -> str:
+        started_on.append(threading.current_thread())
+        return real_start(s)
+
+    monkeypatch.setattr(delayq.embedded, "ensure_embedded_redis", start)
+
+    async def scenario() -> datetime:
+        async with await AsyncProducer.from_settings(settings) as producer:
+            return await producer.schedule("SN-EMB", "1h")
+
+    try:
+        due = run(scenario())
+    finally:
+        delayq.embedded.stop_embedded_redis(settings)
+    assert due > datetime.now(UTC) + timedelta(minutes=59)
+    assert [t is threading.main_thread() for t in started_on] == [False]
+
+
+# -- the event loop is never blocked -----------------------------------------------------
+
+
+class Heartbeat:
+    """A task ticking every 5 ms; `max_gap_s` is the longest the loop kept it waiting."""
+
+    TICK_S = 0.005
+
+    def __init__(self) -> None:
+        self.max_gap_s = 0.0
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Heartbeat:
+        self._task = asyncio.create_task(self._beat())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _beat(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.TICK_S)
+            now = time.monotonic()
+            self.max_gap_s = max(self.max_gap_s, now - last)
+            self.ticks += 1
+            last = now
+
+
+def test_a_thousand_schedules_against_a_stalled_redis_never_block_the_loop(
+    redis_factory: RedisFactory,
+) -> None:
+    """Redis stops answering (DEBUG SLEEP) three times while 1,000 schedules run on 20
+    tasks: they wait, the loop does not (a 5 ms heartbeat never waits 50 ms)."""
+    server = redis_factory(extra={"enable-debug-command": "local"})
+    admin = server.client()
+    stalls = threading.Thread(
+        target=lambda: [admin.execute_command("DEBUG", "SLEEP", "0.3") for _ in range(3)]
+    )
+
+    async def scenario() -> tuple[float, float, int]:
+        async with producer_for(server.url()) as producer, Heartbeat() as beat:
+
+            async def worker(w: int) -> None:
+                for i in range(50):
+                    await producer.schedule(f"SN{w}-{i}", "1h")
+
+            started = time.monotonic()
+            stalls.start()
+            await asyncio.gather(*(worker(w) for w in range(20)))
+            elapsed = time.monotonic() - started
+            await asyncio.to_thread(stalls.join)
+        return beat.max_gap_s, elapsed, beat.ticks
+
+    max_gap_s, elapsed_s, ticks = run(scenario())
+    assert index_size(server.client()) == 1000
+    assert elapsed_s >= 0.6, "the schedules should have waited for Redis"
+    assert ticks > elapsed_s / 0.05
+    assert max_gap_s < 0.05, f"the loop was blocked for {max_gap_s * 1000:.0f} ms"
+
+
+# -- failures: delayq exceptions, redis-py's as their cause ------------------------------
+
+
+def test_an_unreachable_redis_is_service_unavailable_caused_by_a_connection_error() -> None:
+    url = f"redis://{HOST}:{free_port()}/0"
+    with pytest.raises(ServiceUnavailable, match="is not reachable") as caught:
+        run(with_producer(url, lambda p: p.schedule("SN1", "20m")))
+    assert isinstance(caught.value.__cause__, redis.ConnectionError)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_acl_user_without_evalsha_is_permission_denied_naming_the_rule(
+    redis_server: RedisServer,
+) -> None:
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "shop", "on", ">pw", "~*", "&*", "+@all", "-evalsha")
+    url = f"redis://shop:pw@{HOST}:{redis_server.port}/0"
+    with pytest.raises(PermissionDenied, match=r"\+evalsha") as caught:
+        run(with_producer(url, lambda p: p.schedule("SN1", "20m")))
+    assert isinstance(caught.value.__cause__, redis.exceptions.NoPermissionError)
+    assert "pw" not in str(caught.value)
+
+
+def test_a_full_redis_is_out_of_memory_caused_by_redis_oom(redis_server: RedisServer) -> None:
+    admin = redis_server.client()
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")
+    with pytest.raises(OutOfMemory, match="out of memory") as caught:
+        run(with_producer(redis_server.url(), lambda p: p.schedule("SN1", "20m")))
+    assert isinstance(caught.value.__cause__, redis.RedisError)
+    assert admin.exists("SN1:cancel") == 0
+
+
+def test_a_replica_is_read_only_after_exactly_one_retry_on_a_fresh_connection(
+    redis_factory: RedisFactory,
+) -> None:
+    primary, replica = redis_factory(extra=QUICK_SYNC), redis_factory()
+    admin = replica.client()
+    admin.replicaof(HOST, primary.port)
+    wait_for(lambda: admin.info("replication")["master_link_status"] == "up", 10, what="sync")
+    before = int(admin.info("stats")["total_connections_received"])
+
+    with pytest.raises(ReadOnlyReplica, match="read-only replica") as caught:
+        run(with_producer(replica.url(), lambda p: p.schedule("SN1", "20m")))
+    assert redis.exceptions.ReadOnlyError in type(caught.value.__cause__).__mro__ or str(
+        caught.value.__cause__
+    ).startswith("READONLY")
+    connections = int(admin.info("stats")["total_connections_received"]) - before
+    assert connections == 2, "one try, then one retry on a fresh connection"
+
+
+def test_wait_replicas_confirms_each_write_and_refuses_too_few_replicas(
+    redis_factory: RedisFactory,
+) -> None:
+    primary, replica = redis_factory(extra=QUICK_SYNC), redis_factory()
+    follower = replica.client()
+    follower.replicaof(HOST, primary.port)
+    wait_for(lambda: follower.info("replication")["master_link_status"] == "up", 10, what="sync")
+
+    async def confirmed(p: AsyncProducer) -> int:
+        await p.schedule("SN1", "20m")
+        await p.schedule_many([(f"SN-M{i}", 60) for i in range(300)])
+        return int(await p.cancel("SN1"))
+
+    assert run(with_producer(primary.url(), confirmed, wait_replicas=1)) == 1
+    wait_for(lambda: index_size(replica.client()) == 300, 10, what="replicated")
+
+    async def too_few(p: AsyncProducer) -> object:
+        return await p.schedule("SN2", "20m")
+
+    with pytest.raises(NotReplicated, match="only 1 of 2 replicas"):
+        run(with_producer(primary.url(), too_few, wait_replicas=2, wait_timeout_ms=100))
+    assert primary.client().exists("SN2:cancel") == 1  # it reached the primary
+
+
+# -- a real listener fires what aio scheduled --------------------------------------------
+
+
+@pytest.fixture
+def listener(
+    redis_server: RedisServer, sqlite_url: str, tmp_path: Path
+) -> Iterator[ListenerProcess]:
+    env = clean_env(
+        REDIS_URL=redis_server.url(0), DATABASE_URL=sqlite_url, HOME=str(tmp_path / "home")
+    )
+    migrate_cli(env)
+    proc = ListenerProcess(env, tmp_path / "listener.log")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_a_timer_scheduled_through_aio_is_fired_by_delayq_listen(
+    redis_server: RedisServer, sqlite_url: str, listener: ListenerProcess
+) -> None:
+    engine = engine_for(sqlite_url)
+    create_orders(engine, ["SN-AIO", "SN-AIO-PAID"])
+    listener.start()
+
+    async def scenario(p: AsyncProducer) -> None:
+        await p.schedule("SN-AIO", "1s")
+        await p.schedule("SN-AIO-PAID", "1s")
+        assert await p.cancel("SN-AIO-PAID") is True
+
+    run(with_producer(redis_server.url(), scenario))
+    wait_for(lambda: statuses(engine)["SN-AIO"] == "cancelled", 30, what="SN-AIO cancelled")
+    assert statuses(engine)["SN-AIO-PAID"] == "unpaid"

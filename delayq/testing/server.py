@@ -259,7 +259,10 @@ class TimerTestServer:
                 made_due = self._make_due(later[start : start + _CHUNK])
                 for key, (was, due) in made_due.items():
                     originals[firing_id(key, due)] = was
-            wave_fired = [_fired(o, originals) for o in self._drainer().drain()]
+            wave_fired = sorted(
+                (_fired(o, originals) for o in self._drainer().drain()),
+                key=lambda f: (f.due_at, f.order_sn, f.action),
+            )
             self.fired += wave_fired
             fired += wave_fired
         if not wanted:  # nothing pending, but maybe firings whose retry time has come

@@ -4,6 +4,8 @@ that delayq starts itself in DELAYQ_HOME, shared by every delayq command."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
@@ -64,3 +66,33 @@ def test_schedule_and_listen_share_the_embedded_redis_which_keeps_timers_across_
     finally:
         listener.stop()
     assert statuses(engine)["EMB-LATER"] == "unpaid"
+
+
+def test_cli_says_when_it_starts_the_embedded_redis_for_an_unset_url(
+    home_env: dict[str, str],
+) -> None:
+    assert run_cli("migrate", env=home_env).returncode == 0
+    first = run_cli("status", "--json", env=home_env)
+    assert first.returncode == 0, first.stderr
+    assert "started the embedded Redis" in first.stderr
+    assert "DELAYQ_REDIS_URL is not set" in first.stderr
+    # Already running: nothing more to say.
+    again = run_cli("status", "--json", env=home_env)
+    assert again.returncode == 0, again.stderr
+    assert "started" not in again.stderr
+
+
+def test_explicit_embedded_url_starts_the_embedded_redis_for_a_library_call(
+    home_env: dict[str, str], tmp_path: Path
+) -> None:
+    """DELAYQ_REDIS_URL=embedded is how a library call asks for it (unset refuses)."""
+    script = "import delayq; print(delayq.schedule_expiry('EMB-LIB', '1h'))"
+    env = {**home_env, "DELAYQ_REDIS_URL": "embedded"}
+    assert run_cli("migrate", env=home_env).returncode == 0
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "DELAYQ_REDIS_URL is embedded" in done.stderr
+    status = run_cli("status", "--json", env=home_env)
+    assert '"pending": 1' in status.stdout, status.stdout + status.stderr

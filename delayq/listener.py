@@ -62,6 +62,7 @@ from delayq.errors import DelayqError
 from delayq.keys import Keys
 from delayq.liveness import Liveness
 from delayq.observe import Metrics, known_labels
+from delayq.outbox.relay import Relay as OutboxRelay
 from delayq.redis_conn import is_cluster
 from delayq.sdnotify import Notifier
 from delayq.settings import Settings, mask_url
@@ -174,6 +175,16 @@ class Listener:
         # Claim no more than the applier can finish well within a lease.
         self.max_backlog = settings.batch_size * 4
         self.metrics = Metrics(*known_labels(self.actions))
+        #: Moves rows producers staged in delayq_outbox (connection=) to Redis.
+        self.outbox = OutboxRelay(
+            settings,
+            engine,
+            client,
+            keys,
+            self.stopping,
+            self.metrics.registry,
+            scripts=getattr(self.store, "scripts", None),
+        )
         #: Retries of what fails as a whole batch (the database), and of unknown actions.
         self.policy = global_policy(settings)
         self.notifier = Notifier()
@@ -222,6 +233,7 @@ class Listener:
                 ("subscriber", self._subscribe_loop),
                 ("claimer", self._claim_loop),
                 ("sweeper", self._sweep_loop),
+                ("outbox", self.outbox.run),
             )
         ]
         appliers = [

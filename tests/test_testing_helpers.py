@@ -4,6 +4,7 @@ test's database. Nothing here is mocked."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import redis
 import sqlalchemy as sa
 
 import delayq
+import delayq.aio
 from delayq import producer as producer_module
 from delayq.actions import registry
 from delayq.errors import ServiceUnavailable
@@ -167,6 +169,7 @@ def test_use_points_delayq_at_the_test_redis_and_puts_everything_back(
     monkeypatch.delenv("DELAYQ_HOME", raising=False)
     sentinel = object()
     monkeypatch.setattr(producer_module, "_default", sentinel)
+    monkeypatch.setattr(delayq.aio, "_default", sentinel)
 
     with running(database_url=sqlite_url) as server:
         with server.use():
@@ -178,9 +181,13 @@ def test_use_points_delayq_at_the_test_redis_and_puts_everything_back(
             own = delayq.Producer.from_settings(delayq.Settings.load(env_file=None))
             assert own.cancel("SN1")
             own.client.close()
+            # And delayq.aio's, in an event loop of the test's own.
+            asyncio.run(delayq.aio.schedule_expiry("SN2", "20m"))
+            assert [t.order_sn for t in server.pending()] == ["SN2"]
         assert os.environ["DELAYQ_REDIS_URL"] == "redis://production.invalid:6379/1"
         assert "DELAYQ_HOME" not in os.environ
         assert producer_module._default is sentinel
+        assert delayq.aio._default is sentinel
 
 
 def test_a_failing_database_is_one_clear_error_and_the_firing_is_kept(sqlite_url: str) -> None:

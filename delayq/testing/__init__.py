@@ -18,6 +18,7 @@ steps. pytest fixtures: `pytest_plugins = ["delayq.testing.pytest_plugin"]`.
 Needs the listener extra (SQLAlchemy): `pip install 'delayq[listener]'`. See docs/testing.md.
 """
 
-from delayq.testing.server import Fired, PendingTimer, TimerTestServer, running
+from delayq.introspect import PendingTimer
+from delayq.testing.server import Fired, TimerTestServer, running
 
 __all__ = ["Fired", "PendingTimer", "TimerTestServer", "running"]

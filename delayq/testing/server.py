@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis
 
@@ -33,6 +33,7 @@ from delayq.actions import APPLIED, Outcome, load_actions
 from delayq.actions.registry import _registered
 from delayq.context import Delayq
 from delayq.errors import DelayqError
+from delayq.introspect import PendingTimer
 from delayq.keys import firing_id
 from delayq.producer import Producer
 from delayq.settings import ENV_PREFIX, Settings
@@ -45,14 +46,6 @@ from delayq.timing import Delay, from_ms, parse_delay_ms
 _CHUNK = 100
 #: Attempts at rescheduling while other clients keep changing the same index shards.
 _WATCH_ATTEMPTS = 20
-
-
-class PendingTimer(NamedTuple):
-    """One timer waiting in the due index."""
-
-    order_sn: str
-    action: str
-    due_at: datetime
 
 
 @dataclass(frozen=True)
@@ -204,19 +197,23 @@ class TimerTestServer:
     @contextlib.contextmanager
     def use(self) -> Iterator[TimerTestServer]:
         """For the block: the DELAYQ_* variables of `env` set in os.environ, and delayq's
-        process-wide default producer (what delayq.schedule_expiry and cancel_expiry use)
-        talking to the test Redis. Both are put back as they were afterwards."""
+        process-wide default producers (what delayq.schedule_expiry and cancel_expiry use,
+        and their delayq.aio twins) talking to the test Redis. Everything is put back as it
+        was afterwards."""
+        ours = self.producer()
         saved = {name: os.environ.get(name) for name in self.env}
         os.environ.update(self.env)
-        ours = self.producer()
         with producer_module._default_lock:
             previous, producer_module._default = producer_module._default, ours
+        # The async default is made from the environment on first use in each event loop.
+        previous_aio = _swap_aio_default(None)
         _forget_cached_settings()
         try:
             yield self
         finally:
             with producer_module._default_lock:
                 producer_module._default = previous
+            _swap_aio_default(previous_aio)
             ours.client.close()
             for name, value in saved.items():
                 if value is None:
@@ -397,6 +394,16 @@ def _due(entry: tuple[str, int]) -> tuple[int, str]:
 def _redis_now_ms(client: redis.Redis) -> int:
     seconds, micros = client.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _swap_aio_default(value: Any) -> Any:
+    """Set delayq.aio's default producer (if delayq.aio is loaded); returns the one before."""
+    aio = sys.modules.get("delayq.aio")
+    if aio is None:
+        return None
+    previous = getattr(aio, "_default", None)
+    aio._default = value  # type: ignore[attr-defined]
+    return previous
 
 
 def _forget_cached_settings() -> None:

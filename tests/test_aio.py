@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -16,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import redis
 import redis.asyncio
@@ -396,3 +399,104 @@ def test_a_timer_scheduled_through_aio_is_fired_by_delayq_listen(
     run(with_producer(redis_server.url(), scenario))
     wait_for(lambda: statuses(engine)["SN-AIO"] == "cancelled", 30, what="SN-AIO cancelled")
     assert statuses(engine)["SN-AIO-PAID"] == "unpaid"
+
+
+# -- in a FastAPI app (examples/fastapi_app.py) ------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fastapi_app.py"
+
+
+def load_example() -> Any:
+    spec = importlib.util.spec_from_file_location("fastapi_app_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: pydantic resolves annotations there
+    spec.loader.exec_module(module)
+    return module.app
+
+
+async def call_app(*requests: tuple[str, dict[str, Any] | None]) -> list[httpx.Response]:
+    """POST each (path, json) to the example app, its lifespan run around them."""
+    app = load_example()
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop") as http,
+    ):
+        return [await http.post(path, json=body) for path, body in requests]
+
+
+def test_fastapi_app_arms_an_order_on_creation_and_disarms_it_on_payment(
+    redis_server: RedisServer, settings_env: pytest.MonkeyPatch
+) -> None:
+    settings_env.setenv("DELAYQ_REDIS_URL", redis_server.url(0))
+    client = redis_server.client()
+    placed, paid, paid_again, other = run(
+        call_app(
+            ("/orders", {"order_sn": "SN-1001"}),
+            ("/orders/SN-1001/pay", None),
+            ("/orders/SN-1001/pay", None),
+            ("/orders", {"order_sn": "SN-1002"}),
+        )
+    )
+    assert placed.status_code == 201, placed.text
+    expires_at = datetime.fromisoformat(placed.json()["expires_at"])
+    assert abs(expires_at - datetime.now(UTC) - timedelta(minutes=30)) < timedelta(seconds=5)
+    assert paid.json() == {"order_sn": "SN-1001", "disarmed": True}
+    assert paid_again.json() == {"order_sn": "SN-1001", "disarmed": False}
+    assert other.status_code == 201
+    assert index_members(client) == ["SN-1002:cancel"]
+    assert aio._default is None, "the lifespan closed the default producer's pool"
+
+
+def test_fastapi_app_answers_bad_input_422_and_redis_down_503_in_one_line(
+    settings_env: pytest.MonkeyPatch,
+) -> None:
+    settings_env.setenv("DELAYQ_REDIS_URL", f"redis://{HOST}:{free_port()}/0")
+    bad, down = run(
+        call_app(("/orders", {"order_sn": "SN 1001; DROP"}), ("/orders/SN-1/pay", None))
+    )
+    assert bad.status_code == 422
+    assert "order" in bad.json()["detail"].lower()
+    assert down.status_code == 503
+    assert "is not reachable" in down.json()["detail"]
+    assert "\n" not in down.json()["detail"]
+
+
+# -- staged in the caller's async transaction (delayq.outbox) ----------------------------
+
+
+def test_connection_stages_in_the_async_session_transaction_and_a_rollback_stages_nothing(
+    tmp_path: Path, settings_env: pytest.MonkeyPatch
+) -> None:
+    """No DELAYQ_REDIS_URL at all: the staged form never talks to Redis."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    db = tmp_path / "shop.db"
+    migrate_cli(clean_env(DATABASE_URL=f"sqlite:///{db}", HOME=str(tmp_path / "home")))
+
+    async def scenario() -> list[tuple[Any, ...]]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{db}")
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                due = await aio.schedule_expiry("SN-T1", "20m", connection=session)
+                assert abs(due - datetime.now(UTC) - timedelta(minutes=20)) < timedelta(seconds=5)
+                assert await aio.schedule_many([("SN-T2", 60, "complete")], connection=session)
+                assert await aio.cancel_expiry("SN-T1", connection=session) is True
+            async with AsyncSession(engine) as session:
+                await session.begin()
+                await aio.schedule_expiry("SN-ROLLED-BACK", "20m", connection=session)
+                await session.rollback()
+            async with engine.connect() as conn:
+                rows = await conn.execute(
+                    text("SELECT order_sn, action, op, spec, ms FROM delayq_outbox ORDER BY id")
+                )
+                return [tuple(r) for r in rows]
+        finally:
+            await engine.dispose()
+
+    assert run(scenario()) == [
+        ("SN-T1", "cancel", "schedule", "in", 1_200_000),
+        ("SN-T2", "complete", "schedule", "in", 60_000),
+        ("SN-T1", "cancel", "cancel", None, None),
+    ]

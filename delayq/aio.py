@@ -33,7 +33,15 @@ from delayq import redis_errors
 from delayq.cluster.url import is_cluster_url
 from delayq.errors import NotReady
 from delayq.keys import Keys, checked_db, timer_key
-from delayq.producer import DEFAULT_ACTION, Item, _prepare, _timer, bulk_rounds, staged_due
+from delayq.producer import (
+    DEFAULT_ACTION,
+    Item,
+    _prepare,
+    _timer,
+    bulk_rounds,
+    producer_settings,
+    staged_due,
+)
 from delayq.redis_conn import script_source
 from delayq.settings import Settings, mask_url
 from delayq.store import CANCELLED, Timer, cancel_call, check_replicated, schedule_call
@@ -71,13 +79,8 @@ class AsyncProducer:
         """A producer for `settings` (default: the environment and `.env`), refusing an
         unset DELAYQ_REDIS_URL as Producer.from_settings does. Nothing is sent to Redis
         here; `embedded` starts the embedded Redis on a worker thread."""
-        settings = settings or Settings.load()
-        if not settings.redis_url:
-            raise NotReady(
-                "DELAYQ_REDIS_URL is not set: set it to the Redis your listener uses "
-                "(redis://host:6379/1), or to 'embedded' for a private local Redis"
-            )
-        url = settings.redis_url
+        settings = producer_settings(settings)
+        url = str(settings.redis_url)
         if settings.embedded_redis:
             from delayq.redis_conn import redis_url
 

@@ -51,12 +51,7 @@ class Producer:
         """A producer for `settings` (default: the environment and `.env`). Refuses an
         unset DELAYQ_REDIS_URL: a service whose setting is misspelt must not write timers
         into a private Redis that no listener reads. `embedded` asks for that one."""
-        settings = settings or Settings.load()
-        if not settings.redis_url:
-            raise NotReady(
-                "DELAYQ_REDIS_URL is not set: set it to the Redis your listener uses "
-                "(redis://host:6379/1), or to 'embedded' for a private local Redis"
-            )
+        settings = producer_settings(settings)
         client = connect(settings)
         return cls(
             client,
@@ -138,6 +133,18 @@ class Producer:
             if not redis_errors.is_redis_failure(exc):
                 raise
             raise redis_errors.wrap(client_url(self.client), exc) from first
+
+
+def producer_settings(settings: Settings | None) -> Settings:
+    """`settings` (default: the environment and `.env`), checked to name a Redis: a
+    library call refuses an unset DELAYQ_REDIS_URL (the blocking and asyncio producers)."""
+    settings = settings or Settings.load()
+    if not settings.redis_url:
+        raise NotReady(
+            "DELAYQ_REDIS_URL is not set: set it to the Redis your listener uses "
+            "(redis://host:6379/1), or to 'embedded' for a private local Redis"
+        )
+    return settings
 
 
 def _timer(

@@ -188,10 +188,10 @@ def _schedule_file(
 
     with TimerFile(name, action=action, default=default) as timers:
         total = timers.count()  # every row validated before the first is written
-        producer = _dq(ctx).producer
         done = 0
         with progress_bar(total, f"scheduling from {timers.name}") as advance:
             try:
+                producer = _dq(ctx).producer
                 for chunk in batched(timers.rows(), CHUNK_ROWS):
                     done += producer.schedule_many([row.item for row in chunk])
                     advance(len(chunk))

@@ -52,6 +52,23 @@ def test_bench_smoke_run_fires_every_timer_once_and_reports_its_figures(tmp_path
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
+def test_bench_json_prints_the_figures_on_stdout_and_json_file_writes_the_same(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "bench.json"
+    env = clean_env(HOME=str(tmp_path / "home"))
+    done = run_cli(
+        "bench", "--pending", "0", "--burst", "200", "--json", "--json-file", str(out),
+        env=env, cwd=tmp_path, timeout_s=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    printed = json.loads(done.stdout)  # the figures alone: the summary went to stderr
+    assert printed == json.loads(out.read_text())
+    (run,) = printed["runs"]
+    assert (run["scheduled"], run["fired"], run["lost"], run["duplicates"]) == (200, 200, 0, 0)
+    assert "fired 200/200" in done.stderr
+
+
 def _fired_each_once(run: dict[str, Any], action: str, scheduled: int) -> None:
     """Every timer fired once, its work done once on the far side, and the figures there."""
     assert set(run) == RUN_FIELDS

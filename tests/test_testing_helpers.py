@@ -22,6 +22,7 @@ from delayq import producer as producer_module
 from delayq.actions import registry
 from delayq.errors import ServiceUnavailable
 from delayq.testing import TimerTestServer, running
+from tests.servers import wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "order_service"
 
@@ -132,6 +133,26 @@ def test_user_actions_run_in_the_listeners_transaction_and_failures_are_retried(
         claims = server.delayq.inspect("SN2", "charge_card")["claims"]
         assert [c["failed_attempts"] for c in claims] == [1]
     engine.dispose()
+
+
+def test_a_failed_firing_is_retried_by_a_later_fire_due_once_its_backoff_passed(
+    sqlite_url: str, own_actions: None
+) -> None:
+    with running(database_url=sqlite_url, retry_backoff_s=0.05) as server, server.use():
+
+        @delayq.action("notify_buyer")
+        def notify_buyer(ctx: delayq.Context) -> str:
+            if ctx.attempt == 1:
+                raise ConnectionError("mail server down")
+            return "notified"
+
+        delayq.schedule_expiry("SN1", "10m", action="notify_buyer")
+        assert [(f.outcome, f.attempt) for f in server.fire_due()] == [("failed", 1)]
+
+        retried = wait_for(server.fire_due, 10, what="the retry's backoff to pass")
+
+        assert [(f.outcome, f.attempt) for f in retried] == [("notified", 2)]
+        assert server.delayq.inspect("SN1", "notify_buyer")["state"] == "none"
 
 
 def test_a_ttl_key_set_without_delayq_is_fired_like_the_listener_would(sqlite_url: str) -> None:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from delayq.embedded import redis_server_binary
 from delayq.errors import ServiceUnavailable
@@ -83,7 +85,9 @@ class PrivateRedis:
         within STOP_TIMEOUT_S). Its directory is the caller's to remove."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            proc.terminate()  # SIGTERM: redis-server exits at once (nothing to save)
+            # SHUTDOWN exits at once; SIGTERM waits for the server's next cron tick (100 ms).
+            if not self._shutdown():
+                proc.terminate()
             try:
                 proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -91,6 +95,24 @@ class PrivateRedis:
                 proc.wait()
         if proc is not None and proc.stderr is not None:
             proc.stderr.close()
+
+    def _shutdown(self) -> bool:
+        """SHUTDOWN NOSAVE; False if the server could not be asked."""
+        client = redis.Redis(
+            unix_socket_path=str(self.socket),
+            socket_connect_timeout=1,
+            socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),  # the connection it closes is not to be retried
+        )
+        try:
+            client.shutdown(nosave=True)
+        except redis.ConnectionError:
+            return True  # the server closes the connection as it exits
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+        return True
 
     def _answers(self) -> bool:
         if not self.socket.exists():

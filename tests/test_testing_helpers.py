@@ -81,6 +81,27 @@ def test_an_unpaid_order_is_cancelled_and_a_paid_one_is_not(database_url: str) -
         assert 19 * 60 < (fired[0].due_at - fired[0].fired_at).total_seconds() <= 20 * 60
 
 
+def test_a_timer_staged_in_the_services_transaction_fires_only_if_it_committed(
+    database_url: str,
+) -> None:
+    with running(database_url=database_url) as server, server.use():
+        server.migrate()
+        engine = sa.create_engine(database_url)
+        insert = sa.text("INSERT INTO orders (order_sn, status) VALUES (:sn, 'unpaid')")
+        with engine.begin() as conn:
+            conn.execute(insert, {"sn": "SN1"})
+            delayq.schedule_expiry("SN1", "20m", connection=conn)
+        with pytest.raises(RuntimeError), engine.begin() as conn:
+            conn.execute(insert, {"sn": "SN2"})
+            delayq.schedule_expiry("SN2", "20m", connection=conn)
+            raise RuntimeError("the order could not be placed")
+        engine.dispose()
+
+        assert [t.order_sn for t in server.pending()] == ["SN1"]
+        assert [(f.order_sn, f.outcome) for f in server.fire_due()] == [("SN1", "applied")]
+        assert statuses(database_url) == {"SN1": "cancelled"}
+
+
 def test_fire_due_within_fires_only_what_falls_due_by_then(sqlite_url: str) -> None:
     with running(database_url=sqlite_url) as server, server.use():
         server.migrate()

@@ -1,8 +1,8 @@
 """Fire what is due now, in the calling thread, with the listener's own machinery.
 
-`Drain` is a `Listener` whose threads are never started: the test calls its claim, its
-apply-and-acknowledge step and, for external actions, the worker's call, one after the
-other until nothing is due. A firing goes through exactly what it would go through in
+`Drain` is a `Listener` whose threads are never started: the test calls its outbox relay,
+its claim, its apply-and-acknowledge step and, for external actions, the worker's call,
+one after the other until nothing is due. A firing goes through exactly what it would go through in
 `delayq listen`: the same claim script, the same Applier and transaction, the same
 outcome row, acknowledgement, retry backoff and dead letters. Only the scheduling of that
 work (threads, queues, wake-ups) is left out.
@@ -74,9 +74,29 @@ class Drain(Listener):
             self._raise_failure()
         return self._outcomes
 
+    def relay_outbox(self) -> int:
+        """Move the timers staged in delayq_outbox (schedule_expiry(..., connection=)) by
+        committed transactions to Redis, as the listener's relay does; returns how many."""
+        relayed = 0
+        for _ in range(MAX_ROUNDS):
+            try:
+                n = self.outbox.relay_once()
+            except (sa.exc.SQLAlchemyError, redis.RedisError) as exc:
+                self.outbox._close()
+                first = str(getattr(exc, "orig", None) or exc).splitlines()
+                raise ServiceUnavailable(
+                    f"fire_due: relaying delayq_outbox failed: {type(exc).__name__}: "
+                    f"{first[0] if first else ''}"
+                ) from exc
+            relayed += n
+            if not n:
+                break
+        return relayed
+
     def close(self) -> None:
-        """Release what the listener opened (its health probes' connections, the watch on
-        the engine's pool)."""
+        """Release what the listener opened (the relay's and the health probes'
+        connections, the watch on the engine's pool)."""
+        self.outbox._close()
         self.liveness.stop()
         watch, engine = self.liveness.watch, self.applier.engine
         for name, fn in (("checkout", watch._checkout), ("checkin", watch._checkin)):

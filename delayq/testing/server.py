@@ -225,7 +225,9 @@ class TimerTestServer:
     # -- looking and firing ----------------------------------------------------------------
 
     def pending(self) -> list[PendingTimer]:
-        """Every pending timer, earliest due first."""
+        """Every pending timer, earliest due first (timers staged with `connection=` by
+        committed transactions included: they are relayed to Redis first)."""
+        self._relay_outbox()
         return [
             PendingTimer(*_split(key), from_ms(due)) for key, due in sorted(self._index(), key=_due)
         ]
@@ -242,11 +244,11 @@ class TimerTestServer:
         two timers of one order are never in the same wave (an order's reminder at 15
         minutes is applied before its cancel at 20). Timers that handlers schedule while
         this runs are left pending: call fire_due again."""
-        now_ms = _redis_now_ms(self.redis)
-        limit = None if within is None else now_ms + parse_delay_ms(within)
+        limit_ms = None if within is None else parse_delay_ms(within)
+        self._relay_outbox()
         self._adopt_ttl_keys()
-        if not self._migrated:
-            self.migrate()
+        now_ms = _redis_now_ms(self.redis)
+        limit = None if limit_ms is None else now_ms + limit_ms
         fired: list[Fired] = []
         wanted = [(key, due) for key, due in self._index() if limit is None or due <= limit]
         for wave in _waves(sorted(wanted, key=_due)):
@@ -268,9 +270,9 @@ class TimerTestServer:
         return fired
 
     def migrate(self) -> None:
-        """Create delayq's table (delayq_outcomes; and the standard `orders` table if the
-        database has none and orders_table is left at its default) in the test database.
-        fire_due does this the first time it runs."""
+        """Create delayq's tables (delayq_outcomes, delayq_outbox; and the standard
+        `orders` table if the database has none and orders_table is left at its default)
+        in the test database. fire_due and pending do this the first time they run."""
         self.delayq.migrate()
         self._migrated = True
 
@@ -290,6 +292,13 @@ class TimerTestServer:
         for shard in shards:
             pipe.zrange(f"{k.shard_prefix}{shard}", 0, -1, withscores=True)
         return [(str(key), int(due)) for entries in pipe.execute() for key, due in entries]
+
+    def _relay_outbox(self) -> None:
+        """What the listener's relay does within milliseconds of a commit: timers staged
+        in delayq_outbox are written to Redis."""
+        if not self._migrated:
+            self.migrate()
+        self._drainer().relay_outbox()
 
     def _adopt_ttl_keys(self) -> None:
         """Index TTL keys set by code that does not use delayq (SETEX SN1:cancel 1200 x),

@@ -1,24 +1,26 @@
 """`delayq reconcile`: the safety net under every other way a timer can be lost.
 
 An order still in the status an action starts from (`cancel`: unpaid), created longer
-ago than the caller says, whose timer Redis does not hold in any state and whose firing
-left no outcome, has lost its timer: a producer crashed between its commit and the
-schedule, a Redis without persistence restarted, a key was deleted by hand. `reconcile`
-lists such orders, and with `fix` schedules their timers to fire now.
+ago than the caller says, whose timer is held nowhere (not staged in delayq_outbox, not
+in Redis in any state) and whose firing left no outcome, has lost its timer: a producer
+crashed between its commit and the schedule, a Redis without persistence restarted, a
+key was deleted by hand. `reconcile` lists such orders, and with `fix` schedules their
+timers to fire now.
 
 How it reads, so that a table of millions costs bounded memory and short queries:
 
 * the orders in batches, by keyset pagination on the order key (`key > last ORDER BY
   key LIMIT n`: never OFFSET, each query a fresh short transaction holding no lock);
-* per batch, Redis in one pipelined round trip (TTL key, due index, claims), then the
-  dead letters of the batch's candidates only, then one bound-parameter query for their
-  outcomes.
+* per batch: one bound-parameter query of the outbox, Redis in one pipelined round trip
+  (TTL key, due index, claims), the dead letters of the orders still without a timer,
+  then one query for their outcomes.
 
-The order of those reads is what makes it safe while listeners run: a timer only moves
-forward (TTL key -> due index -> claimed -> dead letter or outcome), and each state is
-read after the one before it, so a timer that moves while a batch is being checked is
-seen in its new state rather than missed. (Re-queuing dead letters while reconcile runs
-moves timers backwards: run it then, and an order may be reported that has a timer.)
+The order of those reads is what makes it safe while producers and listeners run: a
+timer only moves forward (outbox -> TTL key -> due index -> claimed -> dead letter or
+outcome), and each place is read after the one before it, so a timer that moves while
+a batch is being checked is seen in its new place rather than missed. (Re-queuing dead
+letters moves timers backwards: during `delayq retry-dead` an order may be reported
+that has a timer.)
 
 Times: `created_at` is compared with a naive UTC cutoff, the convention of delayq's own
 tables (docs/reconcile.md).
@@ -73,7 +75,8 @@ class ReconcileReport:
     fix: bool
     #: Orders in `status` created before `cutoff` that were looked at.
     scanned: int = 0
-    #: Of those, with a timer in Redis (TTL key, pending, being applied, dead letter).
+    #: Of those, with a timer: staged in delayq_outbox, or in Redis (TTL key, pending,
+    #: being applied or retried, dead letter).
     with_timer: int = 0
     #: With no timer but an outcome recorded for the action (it fired).
     with_outcome: int = 0
@@ -312,11 +315,13 @@ _INVALID, _HELD, _FIRED, _LOST = "invalid_key", "with_timer", "with_outcome", "f
 def _verdicts(
     rows: list[_Row], checker: _TimerCheck, engine: Engine, settings: Settings, action: str
 ) -> list[str]:
-    """One verdict per row: Redis first (every key of the batch in one round trip), then
-    the outcomes of the orders Redis holds nothing for (one query)."""
+    """One verdict per row, each place a timer can be read after the one it comes from:
+    the outbox (one query), Redis (every key of the batch in one round trip), then the
+    outcomes of the orders held nowhere (one query)."""
     valid = [r.order_sn for r in rows if ORDER_SN_RE.fullmatch(r.order_sn)]
-    held = checker.held(valid)
-    fired = _recorded(engine, settings, action, [sn for sn in valid if sn not in held])
+    staged = _having(engine, settings, db.outbox, action, valid)
+    held = staged | checker.held([sn for sn in valid if sn not in staged])
+    fired = _having(engine, settings, db.outcomes, action, [sn for sn in valid if sn not in held])
     return [
         _INVALID
         if not ORDER_SN_RE.fullmatch(r.order_sn)
@@ -329,16 +334,18 @@ def _verdicts(
     ]
 
 
-def _recorded(engine: Engine, settings: Settings, action: str, order_sns: list[str]) -> set[str]:
-    """Which of `order_sns` have an outcome for `action` (one query, bound parameters;
-    delayq_outcomes' unique index on (order_sn, action, due_at) serves it)."""
+def _having(
+    engine: Engine, settings: Settings, table: sa.Table, action: str, order_sns: list[str]
+) -> set[str]:
+    """Which of `order_sns` have a row for `action` in `table` (delayq_outbox: a request
+    staged and not relayed yet; delayq_outcomes: a firing recorded). One query with bound
+    parameters, served by each table's index on (order_sn, action, ...)."""
     if not order_sns:
         return set()
-    o = db.outcomes
     query = (
-        sa.select(o.c.order_sn)
+        sa.select(table.c.order_sn)
         .distinct()
-        .where(o.c.action == action, o.c.order_sn.in_(sa.bindparam("sns", expanding=True)))
+        .where(table.c.action == action, table.c.order_sn.in_(sa.bindparam("sns", expanding=True)))
     )
     return {str(sn) for (sn,) in _read(engine, settings, query, {"sns": order_sns})}
 

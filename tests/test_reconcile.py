@@ -5,6 +5,7 @@ PostgreSQL, and on a Redis Cluster."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,12 +18,15 @@ from sqlalchemy.engine import Engine
 
 from delayq import db
 from delayq.cli import main
+from delayq.cluster.store import ClusterStore
 from delayq.errors import InvalidInput
 from delayq.keys import Keys
 from delayq.producer import Producer
 from delayq.reconcile import Request, reconcile
+from delayq.redis_conn import connect, keys_for
 from delayq.settings import Settings
 from delayq.store import TimerStore
+from tests.cluster import ClusterFactory
 from tests.harness import (
     ListenerProcess,
     clean_env,
@@ -40,9 +44,11 @@ LOST_KEYS = "LOST-DELETED"
 #: Its only outcome is for another action: the cancel timer is still lost.
 OTHER_ACTION = "LOST-OTHER"
 LOST = sorted([*NEVER, LOST_KEYS, OTHER_ACTION])
-#: Unpaid for an hour, with a timer in some state Redis holds.
+#: Unpaid for an hour, with a timer in some state Redis holds, or staged in the outbox
+#: (its listener down: not relayed yet).
 PENDING, LEGACY, FLAGGED, CLAIMED, DEAD = "PENDING", "LEGACY", "FLAGGED", "CLAIMED", "DEAD"
-HELD = [PENDING, LEGACY, FLAGGED, CLAIMED, DEAD]
+STAGED = "STAGED"
+HELD = [PENDING, LEGACY, FLAGGED, CLAIMED, DEAD, STAGED]
 #: Unpaid, no timer, but its timer fired (an outcome is recorded).
 FIRED = "FIRED"
 #: Not looked at: paid, too young, or an order key no timer can have.
@@ -127,6 +133,8 @@ def build_scenario(engine: Engine, client: redis.Redis) -> None:
     # Producers that do not use delayq: a plain TTL key, and one ending in a flag.
     client.set(f"{LEGACY}:cancel", "1", ex=3600)
     client.set(f"{FLAGGED}:1", "1", ex=3600)
+    with engine.begin() as conn:
+        producer.schedule(STAGED, "1h", connection=conn)
     insert_outcome(engine, FIRED, "cancel", "not_found")
     insert_outcome(engine, OTHER_ACTION, "complete", "applied")
 
@@ -265,7 +273,7 @@ def test_reconcile_looks_for_a_user_action_in_the_status_it_is_told(
 @pytest.fixture
 def no_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No DELAYQ_* variable and no .env: the command line alone."""
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith("DELAYQ_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
@@ -303,3 +311,39 @@ def test_reconcile_without_its_column_says_which_setting_to_set(
     assert done.returncode == 4, done.stderr
     assert done.stderr.count("\n") == 1 and "DELAYQ_*_COLUMN" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_reconcile_on_a_cluster_finds_lost_timers_in_every_slot_and_fixes_them(
+    cluster_factory: ClusterFactory, sqlite_url: str
+) -> None:
+    cluster = cluster_factory(primaries=3, replicas_per_primary=0)
+    settings = Settings(redis_url=cluster.url, database_url=sqlite_url)
+    migrate_cli(clean_env(REDIS_URL=cluster.url, DATABASE_URL=sqlite_url))
+    engine = db.make_engine(settings)
+    client = connect(settings)
+    store = ClusterStore(client, keys_for(client, settings))  # type: ignore[arg-type]
+    producer = Producer(client, store.keys)
+    lost = [f"L-{i}" for i in range(40)]
+    pending, claimed, dead, legacy = ([f"{p}-{i}" for i in range(10)] for p in ("P", "C", "D", "T"))
+    insert_orders(
+        engine,
+        [(sn, "unpaid", _utc_ago(hours=1)) for sn in lost + pending + claimed + dead + legacy],
+    )
+    producer.schedule_many([(sn, "1h") for sn in pending] + [(sn, 0) for sn in claimed + dead])
+    firings = store.claim_expired([f"{sn}:cancel" for sn in claimed + dead], 3_600_000)
+    dead_ids = [f.id for f in firings if f.key.startswith("D-")]
+    store.retry_later(dead_ids, max_attempts=1, backoff_ms=1, backoff_max_ms=1, error="boom")
+    for sn in legacy:
+        client.set(f"{sn}:cancel", "1", ex=3600)
+    request = Request.make(settings, action="cancel", older_than="20m", batch_size=7)
+
+    report = reconcile(settings, engine, producer, request)
+    assert sorted(o.order_sn for o in report.orders) == sorted(lost)
+    assert report.with_timer == 40
+
+    fixed = reconcile(settings, engine, producer, request, fix=True)
+    assert fixed.fixed == len(lost)
+    assert all(store.timer_state(f"{sn}:cancel").pending_due_ms for sn in lost)
+    assert reconcile(settings, engine, producer, request).found == 0
+    client.close()
+    engine.dispose()

@@ -279,3 +279,13 @@ def test_the_order_service_example_passes_its_own_tests(tmp_path: Path) -> None:
         assert run.returncode == 0, output
         assert expected in output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("delayq-test-")]
+
+
+def test_without_the_listener_extra_the_import_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['sqlalchemy'] = None\n"
+        "try:\n    import delayq.testing\nexcept ImportError as exc:\n    print(exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "pip install 'delayq[listener]'" in run.stdout

@@ -19,6 +19,18 @@ Needs the listener extra (SQLAlchemy): `pip install 'delayq[listener]'`. See doc
 """
 
 from delayq.introspect import PendingTimer
-from delayq.testing.server import Fired, TimerTestServer, running
+
+#: What the listener extra brings that delayq.testing imports.
+_LISTENER_EXTRA = {"sqlalchemy", "alembic", "prometheus_client", "typer", "httpx", "pymysql"}
+
+try:
+    from delayq.testing.server import Fired, TimerTestServer, running
+except ModuleNotFoundError as exc:
+    if (exc.name or "").split(".")[0] not in _LISTENER_EXTRA:
+        raise
+    raise ImportError(
+        f"delayq.testing fires timers with the listener's code, which needs {exc.name}: "
+        "pip install 'delayq[listener]'"
+    ) from exc
 
 __all__ = ["Fired", "PendingTimer", "TimerTestServer", "running"]

@@ -176,6 +176,30 @@ def test_a_failed_firing_is_retried_by_a_later_fire_due_once_its_backoff_passed(
         assert server.delayq.inspect("SN1", "notify_buyer")["state"] == "none"
 
 
+def test_an_external_action_is_called_once_in_the_tests_thread(
+    sqlite_url: str, own_actions: None
+) -> None:
+    calls: list[tuple[str, str, bool]] = []
+
+    with running(database_url=sqlite_url) as server, server.use():
+
+        @delayq.action("push_to_crm", external=True)
+        def push_to_crm(ctx: delayq.Context) -> str:
+            main = threading.current_thread() is threading.main_thread()
+            calls.append((ctx.order_sn, ctx.idempotency_key, main))
+            if ctx.order_sn == "SN2":
+                raise TimeoutError("crm did not answer")
+            return "pushed"
+
+        delayq.schedule_expiry("SN1", "5m", action="push_to_crm")
+        delayq.schedule_expiry("SN2", "6m", action="push_to_crm")
+        fired = server.fire_due()
+
+        assert [(f.order_sn, f.outcome) for f in fired] == [("SN1", "pushed"), ("SN2", "failed")]
+        assert sorted((sn, main) for sn, _, main in calls) == [("SN1", True), ("SN2", True)]
+        assert all(key.startswith(f"{sn}:push_to_crm@") for sn, key, _ in calls)
+
+
 def test_a_ttl_key_set_without_delayq_is_fired_like_the_listener_would(sqlite_url: str) -> None:
     with running(database_url=sqlite_url) as server:
         server.migrate()

@@ -57,7 +57,8 @@ class Drain(Listener):
         a listener); a database or Redis that fails raises ServiceUnavailable."""
         self._outcomes = []
         for _ in range(MAX_ROUNDS):
-            firings = self.claim_due().firings
+            # In due order (the claim's is the index shards'), so that runs repeat.
+            firings = sorted(self.claim_due().firings, key=lambda f: (f.due_ms, f.key))
             if not firings:
                 break
             own: list[Item] = []
@@ -95,8 +96,9 @@ class Drain(Listener):
 
     def close(self) -> None:
         """Release what the listener opened (the relay's and the health probes'
-        connections, the watch on the engine's pool)."""
+        connections, webhook clients, the watch on the engine's pool)."""
         self.outbox._close()
+        self.externals.join()  # no worker thread was started: this closes their clients
         self.liveness.stop()
         watch, engine = self.liveness.watch, self.applier.engine
         for name, fn in (("checkout", watch._checkout), ("checkin", watch._checkin)):

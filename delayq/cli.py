@@ -436,7 +436,7 @@ def reconcile(
     ] = False,
     limit: Annotated[int | None, typer.Option(help="Stop after this many lost orders.")] = None,
     batch_size: Annotated[int, typer.Option(help="Orders read per query.")] = 1000,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     app_: AppOpt = None,
 ) -> None:
     """Find orders whose timer is lost: still in the action's starting status, older than

@@ -43,6 +43,17 @@ DB_NOW_SQL = {
     "sqlite": "(strftime('%Y-%m-%d %H:%M:%f', 'now'))",
 }
 
+#: How old a row is by the database clock, in ms (with a fraction): the relay's only
+#: clock for 'in' delays and for its lateness.
+AGE_MS_SQL = {
+    "postgresql": (
+        "(EXTRACT(EPOCH FROM ((clock_timestamp() AT TIME ZONE 'utc') - created_at)) * 1000)"
+    ),
+    "mysql": "(TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(6)) / 1000.0)",
+    "mariadb": "(TIMESTAMPDIFF(MICROSECOND, created_at, UTC_TIMESTAMP(6)) / 1000.0)",
+    "sqlite": "((julianday('now') - julianday(created_at)) * 86400000.0)",
+}
+
 
 def schedule_rows(timers: Sequence[tuple[str, str, int]]) -> list[Row]:
     """Rows for validated timers (timer_key, 'in' | 'at', ms)."""

@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from delayq import db
-from delayq.errors import DelayqError, InvalidInput, NotReady
+from delayq.errors import InvalidInput, NotReady
 from delayq.keys import Keys
 from delayq.producer import Producer
 from delayq.redis_conn import client_url, unreachable
@@ -207,6 +207,7 @@ def reconcile(
     listed_max = limit if limit is not None else LISTED_MAX
     db.check_schema(engine, settings)  # migrated, and the orders table is there
     reader = _OrderReader(engine, settings, request.status, cutoff, request.batch_size)
+    reader.probe()
     for rows in reader.batches():
         lost: list[LostOrder] = []
         for row, verdict in zip(
@@ -262,6 +263,23 @@ class _OrderReader:
         self.first = first
         # The key's own type is bound (an integer key compares as an integer).
         self.next = first.where(self.key > sa.bindparam("after"))
+        self._probe = first.where(sa.false())
+
+    def probe(self) -> None:
+        """Raise NotReady, naming the settings, if the columns are not there: a query
+        that reads no row (every later failure is the database's, not the table's)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(self._probe, self.params).all()
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated or isinstance(exc, sa.exc.InterfaceError):
+                raise db.unreachable(self.settings, exc) from exc
+            s = self.settings
+            raise NotReady(
+                f"orders table {s.orders_table!r} cannot be read for reconcile (columns "
+                f"{s.order_key_column}, {s.status_column}, {s.created_at_column}: see "
+                f"DELAYQ_*_COLUMN): {str(exc.orig or exc).splitlines()[0]}"
+            ) from exc
 
     def batches(self) -> Iterator[list[_Row]]:
         after: Any = None
@@ -287,25 +305,7 @@ def _read(
         with engine.connect() as conn:
             return [tuple(row) for row in conn.execute(query, params)]
     except sa.exc.DBAPIError as exc:
-        raise _db_error(settings, exc) from exc
-
-
-def _db_error(settings: Settings, exc: sa.exc.DBAPIError) -> DelayqError:
-    if exc.connection_invalidated or isinstance(exc, sa.exc.InterfaceError):
-        return db.unreachable(settings, exc)
-    reason = str(exc.orig or exc).splitlines()[0]
-    if isinstance(exc, sa.exc.OperationalError) and _looks_unreachable(reason):
-        return db.unreachable(settings, exc)
-    return NotReady(
-        f"orders table {settings.orders_table!r} cannot be read for reconcile (columns "
-        f"{settings.order_key_column}, {settings.status_column}, "
-        f"{settings.created_at_column}: see DELAYQ_*_COLUMN): {reason}"
-    )
-
-
-def _looks_unreachable(reason: str) -> bool:
-    words = ("connect", "lost", "gone away", "timeout", "timed out", "closed", "locked")
-    return any(w in reason.lower() for w in words)
+        raise db.unreachable(settings, exc) from exc
 
 
 #: What a batch's check says of each order: the report field it is counted in.

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +30,7 @@ from delayq.settings import Settings
 from delayq.store import TimerStore
 from tests.cluster import ClusterFactory
 from tests.harness import (
+    DELAYQ,
     ListenerProcess,
     clean_env,
     engine_for,
@@ -347,3 +350,44 @@ def test_reconcile_on_a_cluster_finds_lost_timers_in_every_slot_and_fixes_them(
     assert reconcile(settings, engine, producer, request).found == 0
     client.close()
     engine.dispose()
+
+
+def test_reconcile_shows_progress_on_a_terminal_and_none_in_a_pipe(
+    env: dict[str, str], engine: Engine, redis_server: RedisServer
+) -> None:
+    insert_orders(engine, [(sn, "unpaid", _utc_ago(hours=1)) for sn in NEVER])
+
+    piped = run_cli("reconcile", "--older-than", "20m", env=env)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert "lost timers: 2" in piped.stdout and "LOST-1 created" in piped.stdout
+
+    # stderr on a terminal (a pseudo-terminal), stdout still a pipe: JSON stays clean.
+    leader, follower = pty.openpty()
+    with subprocess.Popen(
+        [DELAYQ, "reconcile", "--older-than", "20m", "--json"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+    ) as proc:
+        os.close(follower)
+        out, _ = proc.communicate(timeout=60)
+        shown = _read_all(leader)
+    assert proc.returncode == 0
+    assert json.loads(out)["found"] == 2
+    assert "2 lost" in shown and "Traceback" not in shown
+
+
+def _read_all(fd: int) -> str:
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other end is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace")

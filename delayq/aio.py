@@ -27,11 +27,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import redis.asyncio
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 
 from delayq import redis_errors
-from delayq.cluster.url import is_cluster_url
-from delayq.errors import NotReady
+from delayq.cluster.async_router import AsyncCall, AsyncRouter, per_slot
+from delayq.cluster.slots import partition, slot_tags
+from delayq.cluster.url import is_cluster_url, parse_cluster_url
 from delayq.keys import Keys, checked_db, timer_key
 from delayq.producer import (
     DEFAULT_ACTION,
@@ -43,22 +45,28 @@ from delayq.producer import (
     staged_due,
 )
 from delayq.redis_conn import script_source
-from delayq.settings import Settings, mask_url
+from delayq.settings import Settings
 from delayq.store import CANCELLED, Timer, cancel_call, check_replicated, schedule_call
 from delayq.timing import Delay, from_ms
 
 T = TypeVar("T")
 #: A script call: the script, its keys and its arguments.
 Call = tuple[AsyncScript, list[str], list[Any]]
+#: A store.*_call builder: a script's keys and arguments for a partition and its items.
+Build = Callable[[Keys, Any], tuple[list[str], list[Any]]]
 
 
 class AsyncProducer:
     """Writes and removes timers from an event loop. Use it from the loop its client was
-    made in (redis.asyncio connections belong to one loop); tasks may share it."""
+    made in (redis.asyncio connections belong to one loop); tasks may share it.
+
+    `client` is a redis.asyncio Redis, or a redis.asyncio RedisCluster: then each timer's
+    call runs on its slot's primary, with the keys of the slot's partition, as
+    ClusterStore does (delayq.cluster.async_router)."""
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: redis.asyncio.Redis | RedisCluster,
         keys: Keys,
         *,
         wait_replicas: int = 0,
@@ -73,6 +81,13 @@ class AsyncProducer:
         # SCRIPT LOAD once when Redis answers NOSCRIPT).
         self._schedule_script = client.register_script(script_source("schedule"))
         self._cancel_script = client.register_script(script_source("cancel"))
+        self._router: AsyncRouter | None = None
+        if isinstance(client, RedisCluster):
+            self._router = AsyncRouter(
+                client, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms
+            )
+        #: Whether the cluster's slot tags are known (worked out once, off the loop).
+        self._tagged = False
 
     @classmethod
     async def from_settings(cls, settings: Settings | None = None) -> AsyncProducer:
@@ -86,16 +101,19 @@ class AsyncProducer:
 
             # Starting redis-server waits for it to answer: not on the loop.
             url = await asyncio.to_thread(redis_url, settings)
+        client: redis.asyncio.Redis | RedisCluster
         if is_cluster_url(url):
-            raise NotReady(
-                f"DELAYQ_REDIS_URL is a Redis Cluster ({mask_url(url)}): the asyncio producer "
-                "does not support clusters yet; use delayq.producer (blocking, e.g. through "
-                "asyncio.to_thread) or the transactional form (connection=)"
+            seeds, opts = parse_cluster_url(url)
+            client = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+                **{"decode_responses": True, "socket_connect_timeout": 5, **opts},
             )
-        client = redis.asyncio.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30
-        )
-        db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
+            db = 0
+        else:
+            client = redis.asyncio.Redis.from_url(
+                url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30
+            )
+            db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
         return cls(
             client,
             Keys(namespace=settings.namespace, db=checked_db(db)),
@@ -145,12 +163,6 @@ class AsyncProducer:
             return await _staged_many(connection, prepared)
         return await self._schedule_prepared(prepared)
 
-    async def _schedule_prepared(self, prepared: list[Timer]) -> int:
-        for chunks in bulk_rounds(prepared):
-            calls = [self._schedule_of(chunk) for chunk in chunks]
-            await self._run(partial(self._write, calls))
-        return len(prepared)
-
     async def cancel(
         self, order_sn: str, *, action: str = DEFAULT_ACTION, connection: object | None = None
     ) -> bool:
@@ -162,24 +174,53 @@ class AsyncProducer:
         return await self._disarm(key)
 
     async def _arm(self, timer: Timer) -> datetime:
-        due = await self._run(lambda: self._write([self._schedule_of([timer])]))
-        return from_ms(int(due[0][0]))
+        replies = await self._run(
+            partial(self._write, self._schedule_script, schedule_call, [[timer]])
+        )
+        return from_ms(int(replies[0][0]))
 
     async def _disarm(self, key: str) -> bool:
-        call: Call = (self._cancel_script, *cancel_call(self.keys, [key]))
-        reply = await self._run(lambda: self._write([call]))
-        return int(reply[0][0]) == CANCELLED
+        replies = await self._run(partial(self._write, self._cancel_script, cancel_call, [[key]]))
+        return int(replies[0][0]) == CANCELLED
 
-    def _schedule_of(self, timers: Sequence[Timer]) -> Call:
-        return (self._schedule_script, *schedule_call(self.keys, timers))
+    async def _schedule_prepared(self, prepared: list[Timer]) -> int:
+        for chunks in bulk_rounds(prepared):
+            await self._run(partial(self._write, self._schedule_script, schedule_call, chunks))
+        return len(prepared)
 
-    async def _write(self, calls: Sequence[Call]) -> list[Any]:
+    async def _write(
+        self, script: AsyncScript, build: Build, chunks: Sequence[Sequence[Timer | str]]
+    ) -> list[Any]:
+        """`script` on each chunk of timers (schedule) or timer keys (cancel), its keys
+        and arguments made by `build` (store.schedule_call, cancel_call): one call per
+        chunk on one Redis; on a cluster, one per slot (a chunk's items then need not
+        share a slot, and the replies are per slot, not per chunk)."""
+        if not isinstance(self.client, RedisCluster):
+            calls = [(script, *build(self.keys, c)) for c in chunks]
+            return await self._pipelined(self.client, calls)
+        assert self._router is not None
+        if not self._tagged:  # ~60 ms of CRC16s once per process: not on the loop
+            await asyncio.to_thread(slot_tags, self.keys.namespace)
+            self._tagged = True
+        items = [item for chunk in chunks for item in chunk]
+        groups = per_slot([item if isinstance(item, str) else item[0] for item in items])
+        per_slot_calls = [
+            AsyncCall(
+                slot,
+                script,
+                *build(partition(self.keys.namespace, self.keys.db, slot), [items[n] for n in at]),
+            )
+            for slot, at in groups.items()
+        ]
+        return await self._router.run(per_slot_calls)
+
+    async def _pipelined(self, client: redis.asyncio.Redis, calls: Sequence[Call]) -> list[Any]:
         """As TimerStore._write: the calls in one round trip, and WAIT on the same
         connection (a pipeline holds one) when replicas must confirm."""
         if len(calls) == 1 and not self.wait_replicas:
             script, keys, args = calls[0]
             return [await script(keys=keys, args=args)]
-        pipe = self.client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False)
         for script, keys, args in calls:
             await script(keys=keys, args=args, client=pipe)  # queued, not sent
         if not self.wait_replicas:
@@ -200,13 +241,21 @@ class AsyncProducer:
             if not redis_errors.is_readonly(exc):
                 raise redis_errors.wrap(self.url, exc) from exc
             first = exc
-        await self.client.connection_pool.disconnect()
+        await self._fresh_connections()
         try:
             return await call()
         except Exception as exc:
             if not redis_errors.is_redis_failure(exc):
                 raise
             raise redis_errors.wrap(self.url, exc) from first
+
+    async def _fresh_connections(self) -> None:
+        """Drop the pooled connections; the next call opens new ones (on a cluster, after
+        reading the topology again)."""
+        if isinstance(self.client, RedisCluster):
+            await self.client.aclose()  # it initializes again on its next command
+        else:
+            await self.client.connection_pool.disconnect()
 
 
 # -- staged in the caller's transaction (delayq.outbox, imported only when used) ------
@@ -232,8 +281,11 @@ async def _staged_cancel(connection: object, key: str) -> bool:
     return True
 
 
-def _url(client: redis.asyncio.Redis) -> str:
+def _url(client: redis.asyncio.Redis | RedisCluster) -> str:
     """What `client` talks to, for messages (no password)."""
+    if isinstance(client, RedisCluster):
+        seeds = ",".join(node.name for node in client.nodes_manager.startup_nodes.values())
+        return f"redis+cluster://{seeds}"
     pool = client.connection_pool
     kw = pool.connection_kwargs
     db = kw.get("db", 0) or 0

@@ -26,12 +26,14 @@ import redis.asyncio
 import delayq.embedded
 from delayq import aio
 from delayq.aio import AsyncProducer
+from delayq.cluster.store import ClusterStore
 from delayq.errors import InvalidInput, NotReady, NotReplicated, ServiceUnavailable
 from delayq.keys import Keys
 from delayq.producer import BULK_CHUNK, BULK_PIPELINE_DEPTH
 from delayq.redis_errors import OutOfMemory, PermissionDenied, ReadOnlyReplica
 from delayq.settings import Settings
 from delayq.timing import to_ms
+from tests.cluster import ServerCluster
 from tests.harness import (
     ListenerProcess,
     clean_env,
@@ -187,14 +189,6 @@ def test_no_redis_url_is_refused_in_one_line_like_the_blocking_producer(
     with pytest.raises(NotReady, match=r"^DELAYQ_REDIS_URL is not set: ") as caught:
         run(aio.schedule_expiry("SN1", "20m"))
     assert "\n" not in str(caught.value)
-
-
-def test_a_cluster_url_is_refused_with_what_to_use_instead(
-    settings_env: pytest.MonkeyPatch,
-) -> None:
-    settings_env.setenv("DELAYQ_REDIS_URL", f"redis+cluster://{HOST}:{free_port()}")
-    with pytest.raises(NotReady, match="does not support clusters yet"):
-        run(aio.schedule_expiry("SN1", "20m"))
 
 
 def test_embedded_redis_is_started_on_a_worker_thread_not_the_loop(
@@ -500,3 +494,64 @@ def test_connection_stages_in_the_async_session_transaction_and_a_rollback_stage
         ("SN-T2", "complete", "schedule", "in", 60_000),
         ("SN-T1", "cancel", "cancel", None, None),
     ]
+
+
+# -- on a Redis Cluster ------------------------------------------------------------------
+
+
+def test_on_a_cluster_each_timer_is_written_to_its_slots_partition_and_fired_by_listen(
+    redis_cluster: ServerCluster, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The same calls on a redis+cluster:// URL, with WAIT on each primary: every slot's
+    partition gets its timers (as ClusterStore reads them), scripts flushed from every
+    primary are loaded again, and a real `delayq listen` on the cluster fires them."""
+    env = clean_env(
+        REDIS_URL=redis_cluster.url, DATABASE_URL=sqlite_url, HOME=str(tmp_path / "home")
+    )
+    migrate_cli(env)
+    engine = engine_for(sqlite_url)
+    fire = [f"CL-{i}" for i in range(60)]
+    paid = [f"CL-PAID-{i}" for i in range(20)]
+    create_orders(engine, fire + paid)
+    settings = Settings(redis_url=redis_cluster.url, wait_replicas=1)
+    later = [(f"CL-LATER-{i}", "1h") for i in range(500)]
+
+    async def scenario() -> datetime:
+        async with await AsyncProducer.from_settings(settings) as producer:
+            one = await producer.schedule("CL-ONE", "1h", action="complete")
+            assert await producer.schedule_many(later) == 500
+            for primary in redis_cluster.primaries():
+                with contextlib.closing(primary.admin()) as admin:
+                    admin.script_flush()  # as on a promoted replica: NOSCRIPT, loaded again
+            assert await producer.schedule_many([(sn, "3s") for sn in fire + paid]) == 80
+            assert all([await producer.cancel(sn) for sn in paid])
+            assert await producer.cancel("CL-NEVER") is False
+        too_many = Settings(redis_url=redis_cluster.url, wait_replicas=2, wait_timeout_ms=100)
+        async with await AsyncProducer.from_settings(too_many) as producer:
+            with pytest.raises(NotReplicated, match="only 1 of 2 replicas"):
+                await producer.schedule("CL-UNSURE", "1h")
+        return one
+
+    one = run(scenario())
+    stats = redis_cluster.info_per_primary("commandstats").values()
+    assert all(s["cmdstat_wait"]["calls"] > 0 for s in stats), "WAIT on every primary"
+    assert all(s["cmdstat_script|load"]["calls"] > 0 for s in stats), "loaded after the flush"
+    store = ClusterStore(redis_cluster.client(), Keys())
+    assert store.timer_state("CL-ONE:complete").pending_due_ms == to_ms(one)
+    assert all(store.timer_state(f"{sn}:cancel").pending_due_ms for sn, _ in later[:50])
+    assert not store.timer_state(f"{paid[0]}:cancel").pending_due_ms
+    assert len({redis_cluster.node_for_key(sn + ":cancel").port for sn, _ in later}) == 3
+
+    listener = ListenerProcess(env, tmp_path / "listener.log").start()
+    try:
+        wait_for(
+            lambda: all(st == "cancelled" for sn, st in statuses(engine).items() if sn in fire),
+            60,
+            interval_s=0.2,
+            what="every unpaid order cancelled",
+        )
+    finally:
+        listener.stop()
+    assert {sn: st for sn, st in statuses(engine).items() if sn in paid} == dict.fromkeys(
+        paid, "unpaid"
+    )

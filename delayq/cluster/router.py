@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -220,25 +221,27 @@ class Router:
                 continue
             for i, reply in zip(idxs, replies, strict=True):
                 results[i] = reply
-                if isinstance(reply, MovedError):
+                what = verdict(reply)
+                if what is Verdict.DONE:
                     asking.pop(i, None)
-                    again.append(i)
+                    continue
+                if what is Verdict.FAILED:
+                    continue
+                again.append(i)
+                if what is Verdict.MOVED:
+                    asking.pop(i, None)
                     refresh = True
-                elif isinstance(reply, AskError):
+                elif what is Verdict.ASK:
+                    assert isinstance(reply, AskError)
                     target = self._node_at(reply.host, reply.port)
                     if target is None:
                         refresh = True
                     else:
                         asking[i] = target
-                    again.append(i)
-                elif isinstance(reply, NoScriptError):
+                elif what is Verdict.NOSCRIPT:
                     self.node_client(node).script_load(calls[i].script.script)
-                    again.append(i)
-                elif isinstance(reply, RETRIABLE) or _migrating(reply):
-                    again.append(i)
-                    refresh = refresh or not isinstance(reply, TryAgainError)
-                elif not isinstance(reply, Exception):
-                    asking.pop(i, None)
+                elif what is Verdict.RETRY_REFRESH:
+                    refresh = True
         return again, refresh
 
     def _pipeline(
@@ -277,6 +280,39 @@ class Router:
             host=host, port=int(port)
         )
         return node
+
+
+class Verdict(Enum):
+    """What a call's reply says to do (the blocking and the asyncio routers alike)."""
+
+    DONE = "done"
+    #: An error that retrying will not cure: it is the call's answer.
+    FAILED = "failed"
+    #: The slot moved: retry on its new primary, after reading the topology again.
+    MOVED = "moved"
+    #: The slot is migrating: retry on the node named, after ASKING.
+    ASK = "ask"
+    #: The node does not have the script (a promoted replica): load it, retry.
+    NOSCRIPT = "noscript"
+    #: Retry as it is (TRYAGAIN: a multi-key call during a migration).
+    RETRY = "retry"
+    #: Retry after reading the topology again (the slot's primary changes, or will).
+    RETRY_REFRESH = "retry-refresh"
+
+
+def verdict(reply: object) -> Verdict:
+    """What to do about one call's reply."""
+    if isinstance(reply, MovedError):  # before AskError: redis-py's MovedError is one
+        return Verdict.MOVED
+    if isinstance(reply, AskError):
+        return Verdict.ASK
+    if isinstance(reply, NoScriptError):
+        return Verdict.NOSCRIPT
+    if isinstance(reply, TryAgainError):
+        return Verdict.RETRY
+    if isinstance(reply, RETRIABLE) or _migrating(reply):
+        return Verdict.RETRY_REFRESH
+    return Verdict.FAILED if isinstance(reply, Exception) else Verdict.DONE
 
 
 def _migrating(reply: object) -> bool:

@@ -45,6 +45,7 @@ from tests.harness import (
     migrate_cli,
     statuses,
 )
+from tests.proxy import FreezableProxy
 from tests.servers import HOST, RedisFactory, RedisServer, free_port, wait_for
 
 T = TypeVar("T")
@@ -334,6 +335,27 @@ def test_a_replica_is_read_only_after_exactly_one_retry_on_a_fresh_connection(
     ).startswith("READONLY")
     connections = int(admin.info("stats")["total_connections_received"]) - before
     assert connections == 2, "one try, then one retry on a fresh connection"
+
+
+def test_a_failover_behind_a_stable_address_succeeds_on_the_one_retry(
+    redis_factory: RedisFactory,
+) -> None:
+    """The address (a DNS name, a proxy) moves to the new primary while the pooled
+    connection still reaches the demoted one, which answers READONLY: the one retry, on a
+    fresh connection, reaches the new primary and the caller sees success."""
+    old, new = redis_factory(), redis_factory()
+    with FreezableProxy((HOST, old.port)) as proxy:
+
+        async def scenario(p: AsyncProducer) -> None:
+            await p.schedule("SN-BEFORE", "20m")
+            # Failover: the old primary becomes a replica of the new one; the address moves.
+            old.client().replicaof(HOST, new.port)
+            proxy.upstream = (HOST, new.port)
+            await p.schedule("SN-AFTER", "20m")
+
+        run(with_producer(f"redis://{HOST}:{proxy.port}/0", scenario))
+    assert new.client().pttl("SN-AFTER:cancel") > 0
+    assert "errorstat_READONLY" in old.client().info("errorstats")
 
 
 def test_wait_replicas_confirms_each_write_and_refuses_too_few_replicas(

@@ -37,6 +37,7 @@ from typing import IO, Any
 
 import redis
 import sqlalchemy as sa
+from redis.exceptions import RedisClusterException
 from sqlalchemy.engine import Engine
 
 from delayq import db
@@ -185,10 +186,10 @@ def reconcile(
     progress: Callable[[ReconcileReport], None] | None = None,
     known_actions: Callable[[], Collection[str]] | None = None,
 ) -> ReconcileReport:
-    """Find the orders `request` describes that have no timer in Redis and no outcome for
-    its action; with `fix`, schedule each to fire now (producer.schedule_many, delay 0).
-    Stops after `request.limit` found. Without `fix` it writes nothing, to the database
-    or to Redis.
+    """Find the orders `request` describes whose timer is held nowhere (not staged in the
+    outbox, not in Redis in any state) and that have no outcome for its action; with
+    `fix`, schedule each to fire now (producer.schedule_many, delay 0). Stops after
+    `request.limit` found. Without `fix` it writes nothing, to the database or to Redis.
 
     `known_actions` (asked only to fix an action that is not built in) lists the actions
     a listener knows: fixing one it does not know would only record unknown_action.
@@ -218,7 +219,7 @@ def reconcile(
             if verdict == _LOST:
                 lost.append(LostOrder(row.order_sn, _iso(row.created_at)))
                 if report.found == limit:
-                    # Counted exactly up to the last order reported; the rest is unread.
+                    # Counted exactly up to the last order reported, none after it.
                     report.complete = False
                     break
         report.orders += lost[: max(0, listed_max - len(report.orders))]
@@ -364,7 +365,7 @@ class _TimerCheck:
         """The orders among `order_sns` whose timer Redis holds in any state."""
         try:
             return self._held(order_sns)
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             raise unreachable(client_url(self.store.client), exc) from exc
 
     def _held(self, order_sns: list[str]) -> set[str]:

@@ -391,3 +391,14 @@ def _read_all(fd: int) -> str:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks).decode(errors="replace")
+
+
+def test_reconcile_with_redis_down_is_one_line_and_exit_3(
+    no_settings: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url = ["--redis-url", "redis://127.0.0.1:1/0", "--database-url", f"sqlite:///{tmp_path}/d.db"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*url, "reconcile", "--older-than", "20m"])
+    assert exit_.value.code == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not reachable" in err and "Traceback" not in err

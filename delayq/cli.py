@@ -441,8 +441,8 @@ def reconcile(
     app_: AppOpt = None,
 ) -> None:
     """Find orders whose timer is lost: still in the action's starting status, older than
-    --older-than, no timer in Redis, no outcome. Only reports unless --fix; see
-    docs/reconcile.md."""
+    --older-than, no timer (staged in the outbox or in Redis), no outcome. Only reports
+    unless --fix; see docs/reconcile.md."""
     from delayq.reconcile import Request, terminal_progress
     from delayq.reconcile import reconcile as run
 

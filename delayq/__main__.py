@@ -1,5 +1,7 @@
-"""`python -m delayq`: the same command line as `delayq`."""
+"""`python -m delayq`: the same command as `delayq` (same entry point, so a producer-only
+install gets the same one-line 'needs delayq[listener]' error)."""
 
-from delayq.cli import main
+from delayq.entry import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -20,9 +20,8 @@ from typing import Any
 import redis
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import AskError
 
-from delayq.cluster.router import MIN_REFRESH_S, RETRIABLE, RETRY_S, Verdict, verdict
+from delayq.cluster.router import MIN_REFRESH_S, RETRIABLE, RETRY_S, judge
 from delayq.cluster.slots import slot_of
 from delayq.store import check_replicated
 
@@ -99,37 +98,14 @@ class AsyncRouter:
         answers = await asyncio.gather(
             *(self._send(node, calls, idxs, asking) for node, idxs in groups)
         )
-        for (node, idxs), replies in zip(groups, answers, strict=True):
-            if isinstance(replies, BaseException):
-                for i in idxs:
-                    results[i] = replies
-                again += idxs
-                refresh = True
-                continue
-            for i, reply in zip(idxs, replies, strict=True):
-                results[i] = reply
-                what = verdict(reply)
-                if what is Verdict.DONE:
-                    asking.pop(i, None)
-                    continue
-                if what is Verdict.FAILED:
-                    continue
-                again.append(i)
-                if what is Verdict.MOVED:
-                    asking.pop(i, None)
-                    refresh = True
-                elif what is Verdict.ASK:
-                    assert isinstance(reply, AskError)
-                    target = self.cluster.get_node(host=reply.host, port=int(reply.port))
-                    if target is None:
-                        refresh = True
-                    else:
-                        asking[i] = target
-                elif what is Verdict.NOSCRIPT:
-                    await node.execute_command("SCRIPT", "LOAD", calls[i].script.script)
-                elif what is Verdict.RETRY_REFRESH:
-                    refresh = True
-        return again, refresh
+        retry, reread, load = judge(groups, answers, results, asking, self._node_at)
+        for node, script in {(node, calls[i].script) for node, i in load}:  # each once
+            await node.execute_command("SCRIPT", "LOAD", script.script)
+        return again + retry, refresh or reread
+
+    def _node_at(self, host: str, port: int) -> ClusterNode | None:
+        node: ClusterNode | None = self.cluster.get_node(host=host, port=port)
+        return node
 
     async def _send(
         self,

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
 from importlib.resources import files
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
@@ -212,37 +212,10 @@ class Router:
             answers = list(self._pool().map(send, groups))
         else:
             answers = [send(group) for group in groups]
-        for (node, idxs), replies in zip(groups, answers, strict=True):
-            if isinstance(replies, BaseException):
-                for i in idxs:
-                    results[i] = replies
-                again += idxs
-                refresh = True
-                continue
-            for i, reply in zip(idxs, replies, strict=True):
-                results[i] = reply
-                what = verdict(reply)
-                if what is Verdict.DONE:
-                    asking.pop(i, None)
-                    continue
-                if what is Verdict.FAILED:
-                    continue
-                again.append(i)
-                if what is Verdict.MOVED:
-                    asking.pop(i, None)
-                    refresh = True
-                elif what is Verdict.ASK:
-                    assert isinstance(reply, AskError)
-                    target = self._node_at(reply.host, reply.port)
-                    if target is None:
-                        refresh = True
-                    else:
-                        asking[i] = target
-                elif what is Verdict.NOSCRIPT:
-                    self.node_client(node).script_load(calls[i].script.script)
-                elif what is Verdict.RETRY_REFRESH:
-                    refresh = True
-        return again, refresh
+        retry, reread, load = judge(groups, answers, results, asking, self._node_at)
+        for node, script in {(node, calls[i].script) for node, i in load}:  # each once
+            self.node_client(node).script_load(script.script)
+        return again + retry, refresh or reread
 
     def _pipeline(
         self,
@@ -280,6 +253,57 @@ class Router:
             host=host, port=int(port)
         )
         return node
+
+
+N = TypeVar("N")
+
+
+def judge(
+    groups: Sequence[tuple[N, list[int]]],
+    answers: Sequence[Sequence[Any] | BaseException],
+    results: list[Any],
+    asking: dict[int, N],
+    node_at: Callable[[str, int], N | None],
+) -> tuple[list[int], bool, list[tuple[N, int]]]:
+    """One round's answers (each node's replies, or the error that lost its pipeline)
+    judged: every reply is put in `results` and `asking` is kept up to date. Returns the
+    calls to retry, whether the topology should be read again, and (node, call) whose
+    script the node must load first. For the blocking and the asyncio routers alike:
+    `N` is either's ClusterNode."""
+    again: list[int] = []
+    refresh = False
+    load: list[tuple[N, int]] = []
+    for (node, idxs), replies in zip(groups, answers, strict=True):
+        if isinstance(replies, BaseException):
+            for i in idxs:
+                results[i] = replies
+            again += idxs
+            refresh = True
+            continue
+        for i, reply in zip(idxs, replies, strict=True):
+            results[i] = reply
+            what = verdict(reply)
+            if what is Verdict.DONE:
+                asking.pop(i, None)
+                continue
+            if what is Verdict.FAILED:
+                continue
+            again.append(i)
+            if what is Verdict.MOVED:
+                asking.pop(i, None)
+                refresh = True
+            elif what is Verdict.ASK:
+                assert isinstance(reply, AskError)
+                target = node_at(reply.host, int(reply.port))
+                if target is None:
+                    refresh = True
+                else:
+                    asking[i] = target
+            elif what is Verdict.NOSCRIPT:
+                load.append((node, i))
+            elif what is Verdict.RETRY_REFRESH:
+                refresh = True
+    return again, refresh, load
 
 
 class Verdict(Enum):

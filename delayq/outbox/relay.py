@@ -57,6 +57,8 @@ log = logging.getLogger("delayq.outbox")
 SCRIPT_CHUNK = 100
 #: Seconds between the relay's summary lines (only when it relayed something).
 SUMMARY_EVERY_S = 60.0
+#: How long the relay sleeps between tries for SQLite's write lock.
+SQLITE_LOCK_RETRY_S = 0.0002
 #: Relay lateness buckets (seconds): commit to timer in Redis is a few ms when healthy.
 LATENESS_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
 
@@ -141,6 +143,7 @@ class Relay:
         self._conn: sa.Connection | None = None
         self._peek_conn: sa.Connection | None = None
         self._outage_since: float | None = None
+        self._busy = False
         self._recent: deque[float] = deque(maxlen=200_000)
         self._relayed_since_summary = 0
         self._summary_at = time.monotonic()
@@ -188,11 +191,13 @@ class Relay:
 
     def relay_once(self) -> int:
         """One pass; returns the rows applied and deleted."""
-        if not self._any_row():
+        # After a pass that found rows, more are likely: no separate look first.
+        if not self._busy and not self._any_row():
             return 0
+        self._busy = False
         conn = self._connection()
         try:
-            with conn.begin():
+            with self._begin(conn):
                 rows = self._take(conn)
                 if not rows:
                     return 0
@@ -210,6 +215,7 @@ class Relay:
             # with the same result, before any later row of their timers.
             log.debug("outbox pass rolled back (%s); retrying", _one_line(exc.orig))
             return 0
+        self._busy = bool(rows)
         if work.done:
             self._observe(work.done, written_ms)
         return len(work.done)
@@ -224,8 +230,31 @@ class Relay:
             if self.dialect in ("mysql", "mariadb"):
                 # No gap locks: a producer's INSERT never waits for a relay's pass.
                 conn = conn.execution_options(isolation_level="READ COMMITTED")
+            elif self.dialect == "sqlite":
+                # The relay waits for the write lock itself (_begin): SQLite's busy
+                # handler sleeps 1, 2, 5 ... 100 ms between looks, and producers that
+                # commit every millisecond take the lock back in between each time.
+                # (On the driver's connection: through SQLAlchemy it would begin a
+                # transaction, and the engine's BEGIN IMMEDIATE would take the lock.)
+                raw = conn.connection.dbapi_connection
+                assert raw is not None
+                raw.execute("PRAGMA busy_timeout = 0").close()
             self._conn = conn
         return self._conn
+
+    def _begin(self, conn: sa.Connection) -> sa.RootTransaction:
+        """The pass's transaction; on SQLite, BEGIN IMMEDIATE tried every ~0.2 ms until
+        the write lock is free (for at most DELAYQ_DB_TIMEOUT_S)."""
+        if self.dialect != "sqlite":
+            return conn.begin()
+        deadline = time.monotonic() + self.settings.db_timeout_s
+        while True:
+            try:
+                return conn.begin()
+            except sa.exc.OperationalError as exc:
+                if "locked" not in str(exc.orig) or time.monotonic() > deadline:
+                    raise
+                time.sleep(SQLITE_LOCK_RETRY_S)
 
     def _any_row(self) -> bool:
         """Whether the table has a row, read outside any transaction."""
@@ -235,7 +264,13 @@ class Relay:
             # transaction): never the write lock that the engine's BEGIN IMMEDIATE takes.
             raw = self._connection().connection.dbapi_connection
             assert raw is not None
-            return raw.execute(sql).fetchone() is not None
+            # Closed at once: a statement left open keeps its read snapshot, and the
+            # connection's next BEGIN IMMEDIATE fails busy until the cursor is collected.
+            cursor = raw.cursor()
+            try:
+                return cursor.execute(sql).fetchone() is not None
+            finally:
+                cursor.close()
         if self._peek_conn is None:
             self._peek_conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         return self._peek_conn.exec_driver_sql(sql).first() is not None
@@ -264,15 +299,11 @@ class Relay:
         return rows
 
     def _delete(self, conn: sa.Connection, ids: list[int]) -> None:
-        if self.dialect in ("mysql", "mariadb"):
-            # One statement per row: InnoDB may scan a small table whole for `id IN (...)`
-            # and then waits for the rows another relay holds, which deadlocks the two.
-            # `id = ?` is a point lookup whatever the table's statistics say.
-            conn.execute(
-                sa.delete(outbox).where(outbox.c.id == sa.bindparam("i")), [{"i": i} for i in ids]
-            )
-        else:
-            conn.execute(sa.delete(outbox).where(outbox.c.id.in_(ids)))
+        o = outbox.c
+        # Bounded by this pass's lowest and highest id too: InnoDB may scan a small table
+        # whole for `id IN (...)`, waiting on every row another relay holds (two relays
+        # doing so deadlock); the range keeps the scan among this pass's own rows.
+        conn.execute(sa.delete(outbox).where(o.id >= min(ids), o.id <= max(ids), o.id.in_(ids)))
 
     @staticmethod
     def _held_elsewhere(conn: sa.Connection, rows: Sequence[OutboxRow]) -> dict[str, int]:
@@ -388,6 +419,8 @@ class Relay:
         for conn in (self._conn, self._peek_conn):
             if conn is not None:
                 with contextlib.suppress(sa.exc.SQLAlchemyError):
+                    if self.dialect == "sqlite":
+                        conn.invalidate()  # its busy_timeout is the relay's own
                     conn.close()
         self._conn = self._peek_conn = None
 

@@ -14,7 +14,7 @@ import redis
 from delayq import redis_errors
 from delayq.errors import InvalidInput, NotReady
 from delayq.keys import Keys, timer_key
-from delayq.redis_conn import client_url, connect, keys_for
+from delayq.redis_conn import client_url, connect, is_cluster, keys_for
 from delayq.settings import Settings
 from delayq.store import CANCELLED, open_store
 from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
@@ -123,7 +123,8 @@ class Producer:
         except Exception as exc:
             if not redis_errors.is_redis_failure(exc):
                 raise
-            if not redis_errors.is_readonly(exc):
+            # A cluster's Router has retried READONLY already, re-reading the topology.
+            if not redis_errors.is_readonly(exc) or is_cluster(self.client):
                 raise redis_errors.wrap(client_url(self.client), exc) from exc
             first = exc
         self.client.connection_pool.disconnect()

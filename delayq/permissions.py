@@ -395,6 +395,21 @@ def _statements(engine: Engine, settings: Settings) -> list[_Statement]:
             "record an outcome",
             lambda c: c.execute(db.outcomes.insert(), [probe_row]),
         ),
+        # The outbox relay (delayq/outbox/relay.py); no row matches a negative id.
+        _Statement(
+            "SELECT",
+            db.outbox.name,
+            "take outbox rows (SELECT ... FOR UPDATE)",
+            lambda c: c.execute(
+                sa.select(db.outbox.c.id).where(db.outbox.c.id < 0).with_for_update()
+            ).all(),
+        ),
+        _Statement(
+            "DELETE",
+            db.outbox.name,
+            "delete relayed outbox rows",
+            lambda c: c.execute(sa.delete(db.outbox).where(db.outbox.c.id < 0)),
+        ),
     ]
 
 

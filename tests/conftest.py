@@ -309,14 +309,16 @@ def limited_user(mariadb_url: str) -> Iterator[tuple[str, Callable[[bool], None]
     database = sa.make_url(mariadb_url).database
     user = f"dq_{database[-12:]}"
     admin = _mariadb_connect()
-    tables = ("orders", "delayq_outcomes", "delayq_alembic_version")
+    tables = ("orders", "delayq_outcomes", "delayq_alembic_version", "delayq_outbox")
 
     def grant(on: bool) -> None:
         with admin.cursor() as cur:
             for table in tables:
                 if on:
+                    # The outbox relay deletes the rows it relayed.
+                    more = ", DELETE" if table == "delayq_outbox" else ""
                     cur.execute(
-                        f"GRANT SELECT, INSERT, UPDATE ON `{database}`.`{table}` TO %s@'%%'",
+                        f"GRANT SELECT, INSERT, UPDATE{more} ON `{database}`.`{table}` TO %s@'%%'",
                         (user,),
                     )
                 else:

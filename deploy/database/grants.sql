@@ -13,6 +13,10 @@ GRANT SELECT, UPDATE ON shop.orders TO 'delayq'@'%';
 GRANT SELECT, INSERT ON shop.delayq_outcomes TO 'delayq'@'%';
 -- The schema check (`delayq check`, and `delayq listen` at start) reads the revision.
 GRANT SELECT ON shop.delayq_alembic_version TO 'delayq'@'%';
+-- The outbox relay takes staged rows (SELECT ... FOR UPDATE) and deletes those relayed.
+GRANT SELECT, DELETE ON shop.delayq_outbox TO 'delayq'@'%';
+-- Your order service's own user stages timers in its transactions (connection=):
+--   GRANT INSERT ON shop.delayq_outbox TO 'shop'@'%';
 
 -- PostgreSQL (connected to the shop database) ------------------------------------------------
 -- CREATE ROLE delayq LOGIN PASSWORD 'CHANGE-ME';
@@ -21,5 +25,9 @@ GRANT SELECT ON shop.delayq_alembic_version TO 'delayq'@'%';
 -- The outcome id is a bigserial: an INSERT draws from its sequence.
 -- GRANT USAGE ON SEQUENCE delayq_outcomes_id_seq TO delayq;
 -- GRANT SELECT ON delayq_alembic_version TO delayq;
+-- GRANT SELECT, DELETE ON delayq_outbox TO delayq;
+-- Your order service's own role stages timers in its transactions (connection=):
+--   GRANT INSERT ON delayq_outbox TO shop;
+--   GRANT USAGE ON SEQUENCE delayq_outbox_id_seq TO shop;
 -- (PUBLIC has CONNECT on the database and USAGE on schema public by default; if you
 --  revoked them, grant them to delayq too.)

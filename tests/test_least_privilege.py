@@ -375,7 +375,7 @@ def test_delayq_check_as_the_listener_user_reports_its_permissions_wired(
         line.startswith("ok: Redis user 'delayq-listener' has every permission a listener needs")
         for line in out
     ), done.stdout
-    assert any("may INSERT, SELECT, UPDATE as the listener does" in line for line in out)
+    assert any("may DELETE, INSERT, SELECT, UPDATE as the listener does" in line for line in out)
 
 
 def test_delayq_check_names_a_missing_redis_permission_on_one_line_wired(
@@ -520,6 +520,7 @@ MARIADB_GRANTS: Grants = [
     ("SELECT, UPDATE", "orders"),
     ("SELECT, INSERT", "delayq_outcomes"),
     ("SELECT", "delayq_alembic_version"),
+    ("SELECT, DELETE", "delayq_outbox"),
 ]
 
 
@@ -583,9 +584,9 @@ def test_a_mariadb_user_with_only_the_documented_grants_passes_and_the_probe_kee
 
     user = sa.make_url(url).username
     assert lines == [
-        "database schema at 0001",
-        f"database user {user!r} may INSERT, SELECT, UPDATE as the listener does "
-        "(6 statements probed, rolled back)",
+        "database schema at 0002",
+        f"database user {user!r} may DELETE, INSERT, SELECT, UPDATE as the listener does "
+        "(8 statements probed, rolled back)",
     ]
     assert statuses(engine) == {"SN1": "unpaid"}
     assert outcome_rows(engine) == []
@@ -692,7 +693,7 @@ def test_sqlite_passes_the_database_check_and_an_unmigrated_one_says_to_migrate(
 
     lines = _check_database(sqlite_url)
 
-    assert lines[0] == "database schema at 0001"
+    assert lines[0] == "database schema at 0002"
     assert outcome_rows(engine_for(sqlite_url)) == []
 
 
@@ -741,6 +742,7 @@ POSTGRES_GRANTS = [
     "GRANT SELECT, INSERT ON delayq_outcomes TO {role}",
     "GRANT USAGE ON SEQUENCE delayq_outcomes_id_seq TO {role}",
     "GRANT SELECT ON delayq_alembic_version TO {role}",
+    "GRANT SELECT, UPDATE, DELETE ON delayq_outbox TO {role}",
 ]
 
 
@@ -749,8 +751,8 @@ def test_a_postgres_role_with_the_documented_grants_passes_the_database_check(
 ) -> None:
     lines = _check_database(postgres_role(POSTGRES_GRANTS))
 
-    assert lines[0] == "database schema at 0001"
-    assert "may INSERT, SELECT, UPDATE as the listener does" in lines[1]
+    assert lines[0] == "database schema at 0002"
+    assert "may DELETE, INSERT, SELECT, UPDATE as the listener does" in lines[1]
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def test_migrate_leaves_an_existing_orders_table_alone_and_creates_only_its_own(
     done = run_cli("migrate", env=env)
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == "database schema: empty -> 0001"
+    assert done.stdout.strip() == "database schema: empty -> 0002"
     assert {"delayq_outcomes", "delayq_alembic_version"} <= _tables(database_url)
     assert _columns(database_url, "orders") == columns
     engine = engine_for(database_url)
@@ -70,12 +70,12 @@ def test_migrate_leaves_an_existing_orders_table_alone_and_creates_only_its_own(
         assert statuses(engine) == {"OWN-1": "unpaid"}
         # And the database check a listener starts with accepts the table as it is.
         settings = Settings(database_url=database_url, orders_table="orders")
-        assert check_database(engine, settings)[0] == "database schema at 0001"
+        assert check_database(engine, settings)[0] == "database schema at 0002"
     finally:
         engine.dispose()
     # Running it again changes nothing.
     again = run_cli("migrate", env=env)
-    assert again.returncode == 0 and again.stdout.strip() == "database schema: 0001 -> 0001"
+    assert again.returncode == 0 and again.stdout.strip() == "database schema: 0002 -> 0002"
 
 
 def test_migrate_with_the_default_settings_keeps_an_existing_orders_table(

@@ -25,7 +25,8 @@ GRANT SELECT, DELETE ON shop.delayq_outbox TO 'delayq'@'%';
 -- The outcome id is a bigserial: an INSERT draws from its sequence.
 -- GRANT USAGE ON SEQUENCE delayq_outcomes_id_seq TO delayq;
 -- GRANT SELECT ON delayq_alembic_version TO delayq;
--- GRANT SELECT, DELETE ON delayq_outbox TO delayq;
+-- (SELECT ... FOR UPDATE needs UPDATE too on PostgreSQL; the relay updates no row.)
+-- GRANT SELECT, UPDATE, DELETE ON delayq_outbox TO delayq;
 -- Your order service's own role stages timers in its transactions (connection=):
 --   GRANT INSERT ON delayq_outbox TO shop;
 --   GRANT USAGE ON SEQUENCE delayq_outbox_id_seq TO shop;

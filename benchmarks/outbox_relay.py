@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -135,6 +136,9 @@ def run(kind: str, args: argparse.Namespace) -> str:
         for t in producers:
             t.join()
         took = time.monotonic() - started
+        assert listener.proc is not None
+        listener_cpu = cpu_seconds(listener.proc.pid)
+        own_cpu = time.process_time()
         deadline = time.monotonic() + 30
         while len(written) < len(committed) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -151,8 +155,16 @@ def run(kind: str, args: argparse.Namespace) -> str:
         return (
             f"{kind}: {len(committed)} orders in {took:.1f} s ({len(committed) / took:,.0f}/s), "
             f"relay lateness p50 {q(0.5):.1f} ms, p90 {q(0.9):.1f} ms, p99 {q(0.99):.1f} ms, "
-            f"max {late[-1]:.1f} ms, mean {statistics.fmean(late):.1f} ms; missing {missing}"
+            f"max {late[-1]:.1f} ms, mean {statistics.fmean(late):.1f} ms; missing {missing}; "
+            f"CPU: listener {listener_cpu / took:.0%} of a core, producers and subscriber "
+            f"{own_cpu / took:.0%}"
         )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

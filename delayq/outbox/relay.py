@@ -57,6 +57,8 @@ log = logging.getLogger("delayq.outbox")
 SCRIPT_CHUNK = 100
 #: Seconds between the relay's summary lines (only when it relayed something).
 SUMMARY_EVERY_S = 60.0
+#: The wait after a pass that found rows (DELAYQ_OUTBOX_POLL_S after one that found none).
+BUSY_POLL_S = 0.001
 #: How long the relay sleeps between tries for SQLite's write lock.
 SQLITE_LOCK_RETRY_S = 0.0002
 #: Relay lateness buckets (seconds): commit to timer in Redis is a few ms when healthy.
@@ -184,8 +186,11 @@ class Relay:
                 backoff_s = 0.0
                 self._recovered()
                 self._summary()
-                if n < self.batch:
-                    self.stopping.wait(self.poll_s)
+                if n >= self.batch:
+                    continue  # a backlog: the next batch at once
+                # Rows keep coming under load: look again almost at once (each pass costs
+                # a commit, so not quite at once: a few rows gather meanwhile).
+                self.stopping.wait(min(BUSY_POLL_S, self.poll_s) if self._busy else self.poll_s)
         finally:
             self._close()
 

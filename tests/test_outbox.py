@@ -42,6 +42,9 @@ from tests.harness import (
 )
 from tests.servers import RedisServer, log_tail, wait_for
 
+# A relay thread that dies of an exception fails the test instead of passing unnoticed.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 @pytest.fixture(params=["sqlite", "mariadb", "postgres"])
 def any_database_url(request: pytest.FixtureRequest) -> str:
@@ -577,3 +580,28 @@ def test_a_listener_on_a_database_without_the_outbox_says_to_migrate(
     text = listener.text()
     assert listener.proc.returncode == 4, text
     assert "needs 0002: run 'delayq migrate'" in text and "Traceback" not in text
+
+
+def test_a_relay_without_its_table_says_to_migrate_and_keeps_going(
+    redis_server: RedisServer, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(redis_url=redis_server.url(0), database_url=sqlite_url)
+    engine = make_engine(settings)
+    client = connect(settings)
+    stopping = threading.Event()
+    relay = Relay(settings, engine, client, keys_for(client, settings), stopping)
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    try:
+        wait_for(lambda: "run 'delayq migrate'" in caplog.text, 10, what="the missing table logged")
+        migrate.upgrade(engine, settings)
+        with engine.begin() as conn:
+            stage_schedule(conn, [("SN-LATE:cancel", "in", 600_000)])
+        wait_for(lambda: index_score(client, "SN-LATE:cancel") is not None, 20, what="relayed")
+        assert "outbox relay running again" in caplog.text
+    finally:
+        stopping.set()
+        thread.join(10)
+        engine.dispose()
+    lines = [r.getMessage() for r in caplog.records if "outbox relay paused" in r.getMessage()]
+    assert len(lines) == 1 and "delayq_outbox is missing" in lines[0], lines

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -177,7 +178,12 @@ class Relay:
             while not self.stopping.is_set():
                 try:
                     n = self.relay_once()
-                except (sa.exc.SQLAlchemyError, redis.RedisError, DelayqError) as exc:
+                except (
+                    sa.exc.SQLAlchemyError,
+                    sqlite3.Error,
+                    redis.RedisError,
+                    DelayqError,
+                ) as exc:
                     self._close()
                     self._failed(exc)
                     backoff_s = min(self.settings.reconnect_backoff_max_s, max(0.1, backoff_s * 2))
@@ -271,11 +277,14 @@ class Relay:
             assert raw is not None
             # Closed at once: a statement left open keeps its read snapshot, and the
             # connection's next BEGIN IMMEDIATE fails busy until the cursor is collected.
-            cursor = raw.cursor()
             try:
-                return cursor.execute(sql).fetchone() is not None
-            finally:
-                cursor.close()
+                cursor = raw.cursor()
+                try:
+                    return cursor.execute(sql).fetchone() is not None
+                finally:
+                    cursor.close()
+            except sqlite3.Error as exc:  # as SQLAlchemy would have raised it
+                raise sa.exc.OperationalError(sql, None, exc) from exc
         if self._peek_conn is None:
             self._peek_conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         return self._peek_conn.exec_driver_sql(sql).first() is not None
@@ -396,7 +405,7 @@ class Relay:
         if self._outage_since is not None:
             return
         self._outage_since = time.monotonic()
-        if isinstance(exc, sa.exc.SQLAlchemyError):
+        if isinstance(exc, sa.exc.SQLAlchemyError | sqlite3.Error):
             where = f"database at {mask_url(self.settings.effective_database_url)}"
             reason = _one_line(getattr(exc, "orig", None) or exc)
             suspect = not is_transient(exc) or "table" in reason.lower()

@@ -8,10 +8,10 @@ command line show the same dictionaries."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
-from functools import cache
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from delayq.keys import parse_timer_key, timer_key
 from delayq.producer import DEFAULT_ACTION, Producer, default_producer
@@ -21,8 +21,6 @@ from delayq.timing import ORDER_SN_RE, from_ms
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
-
-T = TypeVar("T")
 
 
 class PendingTimer(NamedTuple):
@@ -110,7 +108,7 @@ def pending(
     left = limit
     cursor = 0
     while left is None or left > 0:
-        cursor, found = p._run(_bind(p.store.pending_page, cursor))
+        cursor, found = p._run(partial(p.store.pending_page, cursor))
         page = sorted((due, key) for key, due in found if key.startswith(prefix))
         for due, key in page[:left]:
             order_sn, action = parse_timer_key(key)
@@ -119,10 +117,6 @@ def pending(
             left -= min(left, len(page))
         if cursor == 0:
             return
-
-
-def _bind(page: Callable[[int], T], cursor: int) -> Callable[[], T]:
-    return lambda: page(cursor)
 
 
 @cache

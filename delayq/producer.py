@@ -88,9 +88,7 @@ class Producer:
         `connection`, they are staged in your transaction (see `schedule`)."""
         prepared = [_prepare(item) for item in items]
         if connection is not None:
-            if prepared:
-                _staged(connection, prepared)
-            return len(prepared)
+            return _staged_many(connection, prepared)
         for chunks in bulk_rounds(prepared):
             self._run(partial(self.store.schedule_bulk, chunks))
         return len(prepared)
@@ -107,10 +105,7 @@ class Producer:
         commits, in order with the schedules staged before it; it returns True (staged)."""
         key = timer_key(order_sn, action)
         if connection is not None:
-            from delayq.outbox import stage_cancel
-
-            stage_cancel(connection, [key])
-            return True
+            return _staged_cancel(connection, key)
         return self._run(lambda: self.store.cancel(key)) == CANCELLED
 
     def _run(self, call: Callable[[], T]) -> T:
@@ -168,6 +163,20 @@ def _staged(connection: object, timers: list[tuple[str, str, int]]) -> datetime:
 
     stage_schedule(connection, timers)
     return staged_due(timers)
+
+
+def _staged_many(connection: object, timers: list[tuple[str, str, int]]) -> int:
+    if timers:
+        _staged(connection, timers)
+    return len(timers)
+
+
+def _staged_cancel(connection: object, key: str) -> bool:
+    """Stage a cancel in the caller's transaction: True (it applies once that commits)."""
+    from delayq.outbox import stage_cancel
+
+    stage_cancel(connection, [key])
+    return True
 
 
 def staged_due(timers: list[tuple[str, str, int]]) -> datetime:
@@ -237,18 +246,12 @@ def cancel_expiry(
     """The order was paid: the timer must not fire. True if a pending timer was removed
     (with `connection=`: the cancel is staged in your transaction)."""
     if connection is not None:
-        from delayq.outbox import stage_cancel
-
-        stage_cancel(connection, [timer_key(order_sn, action)])
-        return True
+        return _staged_cancel(connection, timer_key(order_sn, action))
     return default_producer().cancel(order_sn, action=action)
 
 
 def schedule_many(items: Iterable[Item], *, connection: object | None = None) -> int:
     """Schedule many timers in few round trips; see Producer.schedule_many."""
     if connection is not None:
-        prepared = [_prepare(item) for item in items]
-        if prepared:
-            _staged(connection, prepared)
-        return len(prepared)
+        return _staged_many(connection, [_prepare(item) for item in items])
     return default_producer().schedule_many(items)

@@ -77,6 +77,9 @@ IDLE_CHECK_S = 1.0
 RECENT_WINDOW_MS = 120_000
 #: Seconds between heartbeats in the listeners set (alive = seen in the last 10 s).
 HEARTBEAT_S = 1.0
+#: /livez fails once the claim loop (which turns at least once a second) has not turned for
+#: this long: the process is wedged, and restarting it is the cure.
+PULSE_STALE_S = 30.0
 #: Keyspace events handled per script call.
 EVENT_BATCH = 1000
 #: `expire` events are adopted in batches gathered over this long (a legacy timer due
@@ -207,6 +210,9 @@ class Listener:
         #: catches up until a pass that began after it is complete.
         self.sweep_requested = time.monotonic()
         self.crashed: str | None = None
+        #: The loops' threads once running, and when the claim loop last turned.
+        self.threads: list[threading.Thread] = []
+        self.pulse = time.monotonic()
 
     def stop(self) -> None:
         """Ask the listener to stop: called from a signal handler, so it only sets flags."""
@@ -242,7 +248,9 @@ class Listener:
             )
             for n in range(self.appliers)
         ]
-        for t in [*feeders, *appliers]:
+        self.threads = [*feeders, *appliers]
+        self.pulse = time.monotonic()
+        for t in self.threads:
             t.start()
         self.externals.start(self._guarded)
         while not self.stopping.wait(0.5):
@@ -285,6 +293,7 @@ class Listener:
         while not self.stopping.is_set():
             # This loop turns at least once a second: it is the listener's pulse.
             self.notifier.watchdog()
+            self.pulse = time.monotonic()
             if time.monotonic() - last_beat >= HEARTBEAT_S and self._heartbeat():
                 last_beat = time.monotonic()
             if self.externals and time.monotonic() - last_renewal >= renew_every_s:
@@ -338,6 +347,21 @@ class Listener:
         problems = self.liveness.problems(queued=self.queue.qsize())
         if not self.subscribed.is_set():
             problems.append(f"subscription to {self.keys.expired_channel} is not live")
+        return problems
+
+    def live_problems(self) -> list[str]:
+        """Why this process is not alive (a loop died, or the claim loop stopped turning);
+        empty while it is. From memory only: no Redis or database round trip, so an outage
+        of either never reads as a process to restart."""
+        problems = [self.crashed] if self.crashed else []
+        if self.stopping.is_set():
+            return problems  # finishing the batch in hand: loops end on purpose
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        if dead:
+            problems.append(f"not running: {', '.join(dead)}")
+        age_s = time.monotonic() - self.pulse
+        if self.threads and age_s > PULSE_STALE_S:
+            problems.append(f"the claim loop has not turned for {age_s:.0f} s")
         return problems
 
     def retry_dead(self, names: Sequence[str]) -> int:

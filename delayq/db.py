@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -315,3 +316,81 @@ def recent_outcomes(engine: Engine, settings: Settings, hours: float = 1) -> dic
             return {f"{a}:{out}": n for a, out, n in conn.execute(query)}
     except sa.exc.OperationalError as exc:
         raise unreachable(settings, exc) from exc
+
+
+#: Most outcome rows one dashboard page or timer history reads.
+OUTCOMES_PAGE_MAX = 200
+
+
+def _outcome_row(row: sa.Row[Any]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "order_sn": row.order_sn,
+        "action": row.action,
+        "due_at": row.due_at.isoformat() + "Z",
+        "fired_at": row.fired_at.isoformat() + "Z",
+        "outcome": row.outcome,
+        "detail": row.detail,
+    }
+
+
+def outcome_history(
+    engine: Engine, settings: Settings, order_sn: str, action: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """The outcomes of one order's timers (of one `action` if given), latest due first, at
+    most `limit` (capped at OUTCOMES_PAGE_MAX): an indexed read of the firing key."""
+    o = outcomes
+    query = sa.select(o).where(o.c.order_sn == order_sn)
+    if action is not None:
+        query = query.where(o.c.action == action)
+    query = query.order_by(o.c.due_at.desc(), o.c.id.desc()).limit(min(limit, OUTCOMES_PAGE_MAX))
+    try:
+        with engine.connect() as conn:
+            return [_outcome_row(row) for row in conn.execute(query)]
+    except sa.exc.OperationalError as exc:
+        raise unreachable(settings, exc) from exc
+
+
+def outcomes_page(
+    engine: Engine,
+    settings: Settings,
+    *,
+    action: str | None = None,
+    outcome: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    after: tuple[datetime, int] | None = None,
+    limit: int = 50,
+) -> tuple[list[dict[str, Any]], tuple[datetime, int] | None]:
+    """One page of outcomes, latest fired first, filtered by action, outcome and fired_at
+    in [since, until) (naive UTC); and the (fired_at, id) the next page starts after (None:
+    this is the last page). Keyset pagination along the fired_at index: a deep page costs
+    what the first one does, and rows written meanwhile never shift a page."""
+    o = outcomes
+    limit = max(1, min(limit, OUTCOMES_PAGE_MAX))
+    query = sa.select(o)
+    if action is not None:
+        query = query.where(o.c.action == action)
+    if outcome is not None:
+        query = query.where(o.c.outcome == outcome)
+    if since is not None:
+        query = query.where(o.c.fired_at >= since)
+    if until is not None:
+        query = query.where(o.c.fired_at < until)
+    if after is not None:
+        fired_at, row_id = after
+        # The first condition alone is a range on the index; the second breaks ties.
+        query = query.where(
+            o.c.fired_at <= fired_at, sa.or_(o.c.fired_at < fired_at, o.c.id < row_id)
+        )
+    # One row more than shown says whether there is a next page.
+    query = query.order_by(o.c.fired_at.desc(), o.c.id.desc()).limit(limit + 1)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(query).all()
+    except sa.exc.OperationalError as exc:
+        raise unreachable(settings, exc) from exc
+    page = found[:limit]
+    last = page[-1] if len(found) > limit else None
+    following = None if last is None else (last.fired_at, last.id)
+    return [_outcome_row(row) for row in page], following

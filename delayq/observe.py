@@ -152,6 +152,21 @@ class Metrics:
             "Seconds since the last keyspace event or claim.",
             registry=r,
         ).set_function(lambda: time.monotonic() - self.last_event)
+        # For alerts (deploy/prometheus/delayq-rules.yml): the listener points these at its
+        # liveness probes (answers from memory) and sets last_batch after each commit.
+        self.redis_up = Gauge(
+            "delayq_redis_up", "1 if Redis answered the latest probe (each second).", registry=r
+        )
+        self.database_up = Gauge(
+            "delayq_database_up",
+            "1 if the database answered the latest probe (each second).",
+            registry=r,
+        )
+        self.last_batch = Gauge(
+            "delayq_last_batch_timestamp_seconds",
+            "Unix time of the last batch this listener committed (0: none yet).",
+            registry=r,
+        )
         # (monotonic time, lateness ms or None) of recent firings, for the dashboard.
         self.recent: deque[tuple[float, float | None]] = deque(maxlen=200_000)
         self._lock = threading.Lock()

@@ -308,7 +308,12 @@ class Relay:
             rows.append(OutboxRow(r.id, key, r.op, r.spec, r.ms, float(r.age_ms)))
         if bad:
             # Written by hand, past staging's checks: it can never become a timer.
-            log.warning("outbox: dropped %d rows that name no timer (ids %s)", len(bad), bad[:10])
+            log.warning(
+                "outbox: dropped %d rows that name no timer (ids %s)",
+                len(bad),
+                bad[:10],
+                extra={"event": "outbox_dropped", "dropped": len(bad)},
+            )
             conn.execute(sa.delete(outbox).where(outbox.c.id.in_(bad)))
         return rows
 
@@ -399,6 +404,14 @@ class Relay:
             pick(0.5),
             pick(0.99),
             late[-1],
+            extra={
+                "event": "outbox_relayed",
+                "relayed": n,
+                "window_s": round(window_s, 3),
+                "lateness_p50_ms": round(pick(0.5), 3),
+                "lateness_p99_ms": round(pick(0.99), 3),
+                "lateness_max_ms": round(late[-1], 3),
+            },
         )
 
     def _failed(self, exc: BaseException) -> None:
@@ -414,12 +427,20 @@ class Relay:
         else:
             where = f"Redis at {mask_url(self.settings.redis_url)}"
             reason = _one_line(exc)
-        log.warning("outbox relay paused, %s: %s; retrying", where, reason)
+        log.warning(
+            "outbox relay paused, %s: %s; retrying",
+            where,
+            reason,
+            extra={"event": "outbox_paused"},
+        )
 
     def _recovered(self) -> None:
         if self._outage_since is not None:
+            took_s = time.monotonic() - self._outage_since
             log.warning(
-                "outbox relay running again after %.1f s", time.monotonic() - self._outage_since
+                "outbox relay running again after %.1f s",
+                took_s,
+                extra={"event": "outbox_resumed", "outage_s": round(took_s, 3)},
             )
             self._outage_since = None
 

@@ -126,6 +126,12 @@ class Keys:
         return self._k("dead")
 
     @property
+    def dead_index(self) -> str:
+        """ZSET dead letter field -> due ms: the dead letters in a stable order, for paging
+        through them (delayq.browse). Kept by every script that writes or removes `dead`."""
+        return self._k("dead:due")
+
+    @property
     def recent(self) -> str:
         """ZSET timer key -> ms: fired or cancelled lately, so a late keyspace event for it
         is not mistaken for a legacy timer and fired twice."""

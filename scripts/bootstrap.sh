@@ -38,6 +38,33 @@ apt_install() {
     apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# Debian's prometheus package starts a Prometheus server on port 9090 where an init system
+# runs, and enables it for every boot; only its promtool is wanted. policy-rc.d (asked by
+# invoke-rc.d and deb-systemd-invoke) denies the start, unless the machine has a policy of
+# its own (a container's usually denies every start already); the boot links are removed.
+POLICY_RC_D=/usr/sbin/policy-rc.d
+install_without_starting() {
+    local own_policy=0 package
+    if [[ ! -e $POLICY_RC_D ]]; then
+        printf '#!/bin/sh\n# scripts/bootstrap.sh: no service starts while it installs %s\nexit 101\n' \
+            "$*" >"$POLICY_RC_D"
+        chmod 0755 "$POLICY_RC_D"
+        own_policy=1
+        trap 'rm -f "$POLICY_RC_D"' EXIT
+    fi
+    apt_install "$@"
+    if ((own_policy)); then
+        rm -f "$POLICY_RC_D"
+        trap - EXIT
+    fi
+    for package in "$@"; do
+        if [[ -d /run/systemd/system ]]; then
+            systemctl disable --quiet "$package.service" 2>/dev/null || true
+        fi
+        update-rc.d "$package" disable >/dev/null 2>&1 || true
+    done
+}
+
 port_answers() {
     # bash's /dev/tcp: no client needed; timeout guards against a filtered port.
     timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
@@ -75,14 +102,21 @@ fi
 if [[ ! -x /usr/bin/chromedriver ]]; then
     missing+=(chromium-driver)
 fi
-if ((${#missing[@]})); then
+# Packages wanted only for a tool they ship, whose service must not start (see
+# install_without_starting): tests/test_ops_kit.py runs promtool on deploy/prometheus.
+tool_only=()
+if ! command -v promtool >/dev/null; then
+    tool_only+=(prometheus)
+fi
+if ((${#missing[@]} + ${#tool_only[@]})); then
     if is_root; then
-        apt_install "${missing[@]}"
+        ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+        ((${#tool_only[@]} == 0)) || install_without_starting "${tool_only[@]}"
     else
-        log "warning: missing ${missing[*]} and not root; tests needing them will fail or skip"
+        log "warning: missing ${missing[*]} ${tool_only[*]} and not root; tests needing them will fail or skip"
     fi
 else
-    log "redis-server, mariadbd, PostgreSQL, python3, chromium and chromedriver present"
+    log "redis-server, mariadbd, PostgreSQL, python3, chromium, chromedriver and promtool present"
 fi
 
 # --- MariaDB -----------------------------------------------------------------

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Drawing area of each panel, in SVG units, and the margins for the axis labels.
-WIDTH, HEIGHT = 720, 150
-LEFT, RIGHT, TOP, BOTTOM = 56, 8, 10, 22
+WIDTH, HEIGHT = 720, 160
+LEFT, RIGHT, TOP, BOTTOM = 56, 8, 26, 22
 
 
 @dataclass(frozen=True)

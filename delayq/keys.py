@@ -131,6 +131,12 @@ class Keys:
         through them (delayq.browse). Kept by every script that writes or removes `dead`."""
         return self._k("dead:due")
 
+    def firing_stats(self, minute: int) -> str:
+        """HASH of one minute's firings (minute = epoch ms // 60,000): counts and a lateness
+        histogram, written by every listener (delayq.firing_stats). Tagged with the
+        namespace, as `listeners` is, so that a cluster keeps them on one node."""
+        return f"{{{self.namespace}}}:stats:{minute}"
+
     @property
     def recent(self) -> str:
         """ZSET timer key -> ms: fired or cancelled lately, so a late keyspace event for it

@@ -41,6 +41,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from delayq import firing_stats
 from delayq.actions import (
     APPLIED,
     FAILED,
@@ -59,6 +60,7 @@ from delayq.actions.external import ExternalRunner
 from delayq.actions.registry import global_policy
 from delayq.db import is_transient
 from delayq.errors import DelayqError
+from delayq.figures import CachedFigures
 from delayq.keys import Keys
 from delayq.liveness import Liveness
 from delayq.observe import Metrics, known_labels
@@ -193,6 +195,8 @@ class Listener:
         # Claim no more than the applier can finish well within a lease.
         self.max_backlog = settings.batch_size * 4
         self.metrics = Metrics(*known_labels(self.actions))
+        #: Redis figures for /metrics and the dashboard, read at most every few seconds.
+        self.figures = CachedFigures(client, keys)
         self.metrics.redis_up.set_function(lambda: float(self.liveness.answering("redis")))
         self.metrics.database_up.set_function(lambda: float(self.liveness.answering("database")))
         #: Moves rows producers staged in delayq_outbox (connection=) to Redis.
@@ -745,8 +749,11 @@ class Listener:
     def _ack(self, outcomes: Sequence[Outcome]) -> None:
         if not outcomes:
             return
+        # The chart's per-minute figures (delayq.firing_stats), in the ack's round trip.
+        late = [o.lateness_ms for o in outcomes if o.outcome == APPLIED]
+        stats = firing_stats.record_call(self.keys, len(outcomes), late)
         try:
-            self.store.ack([o.firing.id for o in outcomes], RECENT_WINDOW_MS)
+            self.store.ack([o.firing.id for o in outcomes], RECENT_WINDOW_MS, stats)
         except redis.RedisError as exc:
             # The outcomes are committed; when the leases run out the firings come round
             # again and are recognised as already recorded.

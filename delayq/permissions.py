@@ -135,6 +135,12 @@ def _listener_commands(k: Keys) -> list[_Command]:
         _cmd("HDEL", k.dead, PROBE_KEY, key=k.dead),
         _cmd("HLEN", k.dead, key=k.dead),
         _cmd("HSCAN", k.dead, 0, "MATCH", f"{PROBE_KEY}@*", "COUNT", 1, key=k.dead),
+        # The dashboard's lists (delayq.browse) and chart (delayq.firing_stats).
+        _cmd("HMGET", k.dead, PROBE_KEY, key=k.dead),
+        *_no_op_zset("ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", key=k.dead_index),
+        _cmd("ZSCAN", k.dead_index, 0, "COUNT", 1, key=k.dead_index),
+        _cmd("HMGET", k.firing_stats(0), "n", key=k.firing_stats(0)),
+        _cmd("PEXPIRE", k.firing_stats(0), 1, key=k.firing_stats(0)),  # no such key: no-op
         _cmd("DEL", PROBE_KEY, key=PROBE_KEY),
         _cmd("PTTL", PROBE_KEY, key=PROBE_KEY),
         _cmd("EXISTS", PROBE_KEY, key=PROBE_KEY),

@@ -29,6 +29,7 @@ SCRIPT_NAMES = (
     "release",
     "renew",
     "heartbeat",
+    "record_firings",
 )
 
 
@@ -131,6 +132,7 @@ class Scripts:
     release: Script
     renew: Script
     heartbeat: Script
+    record_firings: Script
 
     @classmethod
     def register(cls, client: redis.Redis, *, clock: str | None = None) -> Scripts:

@@ -509,11 +509,23 @@ class ClusterStore:
     def _by_firing_slot(self, firing_ids: Iterable[str]) -> dict[int, list[str]]:
         return self._per_slot(dict.fromkeys(firing_ids), lambda fid: parse_firing_id(fid)[0])
 
-    def ack(self, firing_ids: Sequence[str], recent_window_ms: int) -> None:
+    def ack(
+        self,
+        firing_ids: Sequence[str],
+        recent_window_ms: int,
+        stats: tuple[list[str], list[Any]] | None = None,
+    ) -> None:
         groups = self._by_firing_slot(firing_ids)
-        self.router.run(
-            self._calls(self.scripts.ack, groups, lambda k, g: ack_call(k, g, recent_window_ms))
-        )
+        calls = self._calls(self.scripts.ack, groups, lambda k, g: ack_call(k, g, recent_window_ms))
+        if stats is None:
+            self.router.run(calls)
+            return
+        # In the same round: one more call in the pipeline of the namespace's primary. The
+        # chart's figures are best effort: only the acks' own errors are raised.
+        calls.append(Call(slot_of(stats[0][0]), self.scripts.record_firings, *stats))
+        for reply in self.router.run(calls, raise_on_error=False)[:-1]:
+            if isinstance(reply, Exception):
+                raise reply
 
     def retry_later(
         self,

@@ -52,7 +52,6 @@ from delayq.actions import (
 )
 from delayq.actions.builtin import StatusChange, builtin_actions
 from delayq.errors import InvalidInput
-from delayq.figures import redis_figures
 from delayq.settings import Settings
 
 if TYPE_CHECKING:
@@ -213,7 +212,7 @@ class RedisFigures(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            f = redis_figures(self.client, self.listener.keys, dead_limit=0)
+            f = self.listener.figures.get(dead_limit=0)
         except Exception as exc:
             # The series are left out (absent series are what alerting expects, and
             # /healthz says why); the log says so once a minute, not at every scrape.
@@ -386,7 +385,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dashboard(self) -> None:
         problems = self.listener.health_problems()
         try:
-            figures: dict[str, Any] = redis_figures(self.listener.client, self.listener.keys)
+            figures: dict[str, Any] = self.listener.figures.get()
         except redis.RedisError:
             figures = {}
         query = parse_qs(self.path.partition("?")[2])

@@ -5,8 +5,9 @@ real applier on a real database, through every operation in arbitrary order and
 interleaving: schedule, reschedule earlier / later / into the past, cancel; timers armed
 and deleted by a producer that does not use delayq, and their keyspace events delivered
 late, twice or never; claims by two listeners; apply and acknowledge, commit then crash
-before the acknowledgement, fail and retry, dead letters, retry-dead, hand-backs, crashes
-holding claims, leases running out, and Redis killed and restarted from its AOF.
+before the acknowledgement, fail and retry, dead letters, retry-dead, deleting dead letters,
+hand-backs, crashes holding claims, leases running out, and Redis killed and restarted from
+its AOF.
 
 After every step it compares Redis with a plain-Python model (claims and their leases,
 the due index, TTL keys, dead letters, attempts) and checks:
@@ -14,7 +15,9 @@ the due index, TTL keys, dead letters, attempts) and checks:
 * no firing is claimed before its due time;
 * nothing is held only in a listener's memory: every claimed firing not yet committed is
   in Redis (claimed or dead-lettered);
-* one outcome row per firing, exactly the firings the model says were applied.
+* one outcome row per firing, exactly the firings the model says were applied;
+* the dead-letter index holds exactly the dead letters, and the dashboard's lists
+  (delayq.browse) page through pending timers, claims and dead letters in order.
 
 At the end it drains everything (re-queues dead letters, lets every lease run out) and
 checks that the latest schedule of every timer fired exactly once unless it was cancelled
@@ -47,6 +50,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from delayq import browse
 from delayq.actions import Applier
 from delayq.context import Delayq
 from delayq.keys import Keys, firing_id, parse_firing_id
@@ -474,6 +478,15 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
                     m.claims[fid] = m.now
                 m.attempts.pop(fid, None)
 
+        @rule(which=st.one_of(st.none(), st.sampled_from(ALL_KEYS)))
+        def delete_dead(self, which: str | None) -> None:
+            """An operator deletes dead letters (one timer's, or all) from the dashboard."""
+            m = self.model
+            names = [] if which is None else [which]
+            chosen = [f for f in sorted(m.dead) if which is None or parse_firing_id(f)[0] == which]
+            assert browse.delete_dead(real.client, real.keys, names) == len(chosen)
+            m.dead.difference_update(chosen)
+
         @rule(
             ms=st.sampled_from(
                 [1, 10, 499, 500, 1_000, LEASE_MS, LEASE_MS + 1, 30_000, RECENT_WINDOW_MS + 1]
@@ -514,6 +527,10 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
             assert real.index() == m.pending
             assert real.ttls() == m.ttl
             assert set(real.client.hkeys(real.keys.dead)) == m.dead
+            dead_index = real.client.zrange(real.keys.dead_index, 0, -1, withscores=True)
+            assert {f: int(due) for f, due in dead_index} == {
+                f: parse_firing_id(f)[1] for f in m.dead
+            }
             per_key = Counter(parse_firing_id(f)[0] for f in m.claims)
             assert {
                 k: int(v) for k, v in real.client.hgetall(real.keys.claims_per_key).items()
@@ -521,6 +538,28 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
             attempts = {k: int(v) for k, v in real.client.hgetall(real.keys.attempts).items()}
             assert attempts == m.attempts
             assert set(real.client.zrange(real.keys.recent, 0, -1)) == set(m.recent)
+
+        @invariant()
+        def the_dashboards_lists_page_in_order(self) -> None:
+            """Pending, in flight and dead letters, page by page (delayq.browse)."""
+            m = self.model
+            for pager, expected in (
+                (browse.pending_page, sorted((d, k) for k, d in m.pending.items())),
+                (browse.in_flight_page, sorted((lease, f) for f, lease in m.claims.items())),
+                (browse.dead_page, sorted((parse_firing_id(f)[1], f) for f in m.dead)),
+            ):
+                seen: list[tuple[int, str]] = []
+                after = None
+                while True:
+                    page = pager(real.client, real.keys, after=after, limit=2)
+                    seen += [
+                        (r.get("lease_ms", r["due_ms"]), r.get("firing", r["timer"]))
+                        for r in page.rows
+                    ]
+                    if page.next is None:
+                        break
+                    after = page.next
+                assert seen == expected, pager.__name__
 
         @invariant()
         def nothing_is_held_only_in_a_listeners_memory(self) -> None:

@@ -152,6 +152,14 @@ def dead_page(
     return _page(rows, found, n, "d", reads)
 
 
+def pending_cursor(due_ms: int) -> str:
+    """A cursor that opens the pending list at a due time: its page starts with the first
+    timer due at or after `due_ms` (epoch ms)."""
+    if not isinstance(due_ms, int) or due_ms < 0:
+        raise InvalidInput(f"invalid due time {due_ms!r}")
+    return _encode("p", (due_ms, ""))
+
+
 # -- dead letters: delete, and the index -------------------------------------------------
 
 
@@ -505,11 +513,12 @@ def _cursor(kind: str, text: str | None) -> Entry | None:
     if text is None or text == "":
         return None
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        padded = text + "=" * (-len(text) % 4)
+        raw = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raw = ""
     score, sep, member = raw[1:].partition(":")
-    if raw[:1] != kind or not sep or not score.isdigit() or not member or len(member) > 200:
+    if raw[:1] != kind or not sep or not score.isdigit() or len(member) > 200:
         raise InvalidInput("invalid page cursor")
     return int(score), member
 

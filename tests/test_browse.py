@@ -80,7 +80,12 @@ def test_pending_pages_list_every_timer_once_in_due_order_with_reads_bounded_by_
 def test_a_page_cursor_from_another_list_or_made_up_is_refused(redis_server: RedisServer) -> None:
     client = redis_server.client()
     keys = Keys(namespace="cur", shards=SHARDS)
-    TimerStore(client, keys).schedule(spread(5, redis_now_ms(client), "C"))
+    timers = spread(50, redis_now_ms(client), "C")
+    TimerStore(client, keys).schedule(timers)
+    # Opening the list at a due time: the first timer due then or later comes first.
+    dues = sorted(d for _, _, d in timers)
+    opened = browse.pending_page(client, keys, after=browse.pending_cursor(dues[20]), limit=5)
+    assert opened.rows[0]["due_ms"] == dues[20] == min(d for d in dues if d >= dues[20])
     page = browse.pending_page(client, keys, limit=2)
     assert page.next is not None
     for bad in ("nonsense", "", page.next[:-3] + "!!!"):

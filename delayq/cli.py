@@ -21,9 +21,9 @@ from delayq.context import Delayq
 from delayq.errors import DelayqError, InvalidInput
 from delayq.keys import timer_key
 from delayq.logs import setup_logging
-from delayq.observe import parse_address, serve
 from delayq.settings import ENV_PREFIX, Settings
 from delayq.timing import parse_delay_ms, parse_due_at
+from delayq.web import parse_address, serve
 
 if TYPE_CHECKING:
     from delayq.actions.registry import ActionSpec
@@ -233,8 +233,8 @@ def listen(
         typer.Option(
             envvar=_setting("http"),
             show_envvar=True,
-            help="Serve /metrics, /healthz, /readyz and the dashboard on HOST:PORT (':PORT' "
-            "is 127.0.0.1:PORT; all interfaces only as 0.0.0.0:PORT or [::]:PORT).",
+            help="Serve /metrics, /livez, /readyz, /healthz and the dashboard on HOST:PORT "
+            "(':PORT' is 127.0.0.1:PORT; all interfaces only as 0.0.0.0:PORT or [::]:PORT).",
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
@@ -252,7 +252,10 @@ def listen(
         level = logging.WARNING if line.startswith("warning:") else logging.INFO
         logging.getLogger("delayq").log(level, line.removeprefix("warning: "))
     listener = dq.listener()
-    server = serve(listener, address, dq.settings.dashboard_token) if address else None
+    server = None
+    if address is not None:
+        token, hosts = dq.settings.dashboard_token, dq.settings.dashboard_host_list
+        server = serve(listener, address, token, allowed_hosts=hosts)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         # Only a flag: the loops finish the batch in hand and give back the rest.

@@ -264,6 +264,7 @@ class Listener:
                 ("sweeper", self._sweep_loop),
                 ("outbox", self.outbox.run),
             )
+            if name != "outbox" or self.outbox.poll_s > 0  # DELAYQ_OUTBOX_POLL_S=0: off
         ]
         appliers = [
             threading.Thread(
@@ -271,10 +272,10 @@ class Listener:
             )
             for n in range(self.appliers)
         ]
-        self.threads = [*feeders, *appliers]
-        self.pulse = time.monotonic()
-        for t in self.threads:
+        for t in [*feeders, *appliers]:
             t.start()
+        self.pulse = time.monotonic()
+        self.threads = [*feeders, *appliers]  # once started: /livez looks at them
         self.externals.start(self._guarded)
         while not self.stopping.wait(0.5):
             pass

@@ -18,20 +18,19 @@ import os
 import re
 import signal
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 import redis
 
 from delayq.context import Delayq
-from delayq.dashboard import make_dashboard
 from delayq.keys import Keys
-from delayq.listener import Listener
 from delayq.producer import Producer
 from delayq.settings import Settings
 from tests.harness import ListenerProcess, clean_env, create_orders, migrate_cli
@@ -155,11 +154,6 @@ def _reap(browser_dir: Path, service: object) -> None:
     assert not left, f"browser processes {left} were still running after quit(): killed them"
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @dataclass
 class Scene:
     base: str
@@ -197,8 +191,8 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
     settings = Settings(redis_url=server.url(0), database_url=database_url, home=tmp)
     dq = Delayq(settings)
     create_orders(dq.engine, [*APPLIED, *PENDING])
-    listening = ListenerProcess(env, tmp / "listener.log")
-    http = None
+    port = free_port()
+    listening = ListenerProcess(env, tmp / "listener.log", ("--http", f"127.0.0.1:{port}"))
     try:
         listening.start()
         client = server.client()
@@ -212,20 +206,22 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
 
         wait_for(lambda: statuses()[APPLIED[-1]] == "cancelled", WAIT_S, what="applied")
         wait_for(lambda: client.hlen(Keys().dead) == len(DEAD), WAIT_S, what="dead letters")
-        dashboard = make_dashboard(
-            Listener(settings, client, dq.engine, Keys(), actions=None),
-            token=TOKEN,
-        )
-        http = make_server("127.0.0.1", 0, dashboard, WSGIServer, _QuietHandler)
-        threading.Thread(target=http.serve_forever, daemon=True).start()
-        yield Scene(f"http://127.0.0.1:{http.server_port}", client, listening, statuses)
+        base = f"http://127.0.0.1:{port}"
+        # The health banner says nothing once the listener's probes have answered.
+        wait_for(lambda: _status(f"{base}/healthz") == 200, WAIT_S, what="healthy")
+        yield Scene(base, client, listening, statuses)
     finally:
-        if http is not None:
-            http.shutdown()
-            http.server_close()
         listening.stop()
         dq.engine.dispose()
         server.stop()
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def _full_page_png(driver: WebDriver) -> bytes:

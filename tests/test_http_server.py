@@ -5,8 +5,10 @@ traceback, metric labels stay bounded, and the Redis gauges survive dead letters
 
 from __future__ import annotations
 
+import gzip
 import socket
 import struct
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,10 +19,12 @@ import sqlalchemy as sa
 
 from delayq.errors import InvalidInput
 from delayq.keys import Keys
-from delayq.observe import Metrics, parse_address
+from delayq.observe import Metrics
 from delayq.producer import Producer
+from delayq.web import parse_address
 from tests.harness import ListenerProcess, clean_env, create_orders, engine_for, migrate_cli
-from tests.servers import RedisServer, free_port, wait_for
+from tests.proxy import FreezableProxy
+from tests.servers import HOST, RedisServer, free_port, wait_for
 
 #: The server's request timeout, and the margin a loaded machine may add to it.
 REQUEST_TIMEOUT_S = 10
@@ -63,6 +67,16 @@ def _get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def _fetch(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and the raw (undecoded) body."""
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
 
 
 def _raw(port: int, request: bytes, timeout_s: float = 10) -> bytes:
@@ -167,10 +181,10 @@ def test_a_requeued_notice_with_a_non_ascii_digit_is_ignored(
     listener, port = served
     base = f"http://127.0.0.1:{port}"
     for shown in ("%C2%B2", "%D9%A3", "9" * 5000):  # '²', '٣' and more than int() takes
-        status, page = _get(f"{base}/?requeued={shown}")
+        status, page = _get(f"{base}/dead?requeued={shown}")
         assert status == 200 and 'id="notice"' not in page
-    status, page = _get(f"{base}/?requeued=3")
-    assert status == 200 and "Re-queued 3 dead-lettered timers." in page
+    status, page = _get(f"{base}/dead?requeued=3")
+    assert status == 200 and "Re-queued 3 dead letters." in page
     _assert_no_traceback(listener)
 
 
@@ -275,4 +289,81 @@ def test_metrics_keep_every_redis_gauge_while_a_dead_letter_exists(
     assert "delayq_overdue 0.0" in text
     assert "delayq_in_flight 0.0" in text
     assert "delayq_listeners_alive 1.0" in text
+    _assert_no_traceback(listener)
+
+
+def test_metrics_answer_openmetrics_and_gzip_when_the_scraper_asks(
+    served: tuple[ListenerProcess, int],
+) -> None:
+    listener, port = served
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    plain_status, plain_headers, plain = _fetch(url)
+    om_status, om_headers, om_zipped = _fetch(
+        url,
+        Accept="application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        **{"Accept-Encoding": "gzip"},
+    )
+
+    assert plain_status == 200 and plain_headers["Content-Type"].startswith("text/plain")
+    assert "Content-Encoding" not in plain_headers
+    assert b"delayq_lateness_seconds_bucket" in plain and not plain.endswith(b"# EOF\n")
+    assert om_status == 200
+    assert om_headers["Content-Type"].startswith("application/openmetrics-text")
+    assert om_headers["Content-Encoding"] == "gzip"
+    openmetrics = gzip.decompress(om_zipped)
+    assert openmetrics.endswith(b"# EOF\n") and b"delayq_pending" in openmetrics
+    assert len(om_zipped) < len(plain) / 3  # compressed for real
+    # name[] narrows a scrape to the series asked for.
+    status, _, only = _fetch(f"{url}?name[]=delayq_pending")
+    assert status == 200 and only.decode().strip().endswith("delayq_pending 0.0")
+    assert b"delayq_lateness_seconds" not in only
+    _assert_no_traceback(listener)
+
+
+def test_livez_stays_alive_and_quick_while_redis_hangs_but_healthz_reports_it(
+    redis_server: RedisServer, sqlite_url: str, tmp_path: Path, listeners: ListenerFactory
+) -> None:
+    with FreezableProxy((HOST, redis_server.port)) as proxy:
+        env = clean_env(
+            REDIS_URL=f"redis://{HOST}:{proxy.port}/0", DATABASE_URL=sqlite_url,
+            HOME=str(tmp_path),
+        )  # fmt: skip
+        migrate_cli(env)
+        port = free_port()
+        listener = listeners(env, "--http", f"127.0.0.1:{port}")
+        base = f"http://127.0.0.1:{port}"
+        assert _get(f"{base}/livez") == (200, "alive\n")
+        assert _get(f"{base}/healthz") == (200, "ok\n")
+
+        proxy.freeze(new_connections="hang")  # Redis stops answering, as a dead link does
+
+        def unhealthy() -> str:
+            status, text = _get(f"{base}/healthz")
+            return text if status == 503 and "redis" in text else ""
+
+        wait_for(unhealthy, 30, what="/healthz reporting Redis")
+        # A liveness probe must not fail, nor wait, on a dependency: nothing to restart.
+        for _ in range(5):
+            started = time.monotonic()
+            assert _get(f"{base}/livez") == (200, "alive\n")
+            assert time.monotonic() - started < 1.0
+        proxy.thaw()
+        wait_for(lambda: _get(f"{base}/healthz") == (200, "ok\n"), 60, what="healthy again")
+    _assert_no_traceback(listener)
+
+
+def test_probes_refuse_other_methods_and_answer_head(served: tuple[ListenerProcess, int]) -> None:
+    listener, port = served
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _get(f"{base}/healthz")[0] == 200, 30, what="the first health probes")
+    for path in ("/livez", "/readyz", "/healthz"):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="HEAD")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200 and response.read() == b""
+        assert _fetch(f"http://127.0.0.1:{port}{path}?x=1")[0] == 200
+        post = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(post, timeout=10)
+        assert refused.value.code == 405
     _assert_no_traceback(listener)

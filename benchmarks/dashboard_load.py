@@ -5,7 +5,9 @@ end) is loaded with --pending far-future timers (Producer.schedule_many, as `del
 preloads them), 1,000 dead letters and 200 firings waiting for a retry. Then each read the
 dashboard and /metrics make is timed, uncached and through the listener's CachedFigures:
 Redis's own time from INFO commandstats (the usec of every command but INFO itself, before
-and after; median of --repeat runs), the commands it took, and the wall time here.
+and after; median of --repeat runs; commands run by a script counted once), Redis's
+main-thread CPU (INFO cpu: the commands and the sockets' I/O; ~1 ms resolution in
+practice), the commands it took, and the wall time here.
 
 Part `scrape`: `delayq bench` (the real `delayq listen --http` as a subprocess, --pending
 far-future timers, --rate timers falling due a second) twice: without a scraper, and with
@@ -44,27 +46,38 @@ LOAD_CHUNK = 20_000
 DEAD, RETRYING = 1_000, 200
 
 
-def redis_usec(client: redis.Redis) -> tuple[int, int]:
-    """(usec, calls) of every command Redis has run, INFO itself left out."""
+#: Commands that run others (whose time INFO commandstats counts again under their names).
+SCRIPTS = ("cmdstat_info", "cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro")
+
+
+def redis_counters(client: redis.Redis) -> tuple[int, int, int]:
+    """(usec of commands, commands, usec of main-thread CPU) Redis has spent so far.
+    Commands: INFO commandstats without INFO itself and without script calls, whose
+    commands are counted under their own names already. CPU: INFO cpu's main thread,
+    user + system: the commands plus reading and writing the sockets."""
     stats = client.info("commandstats")
-    rows = [v for k, v in stats.items() if k != "cmdstat_info"]
-    return sum(int(v["usec"]) for v in rows), sum(int(v["calls"]) for v in rows)
+    rows = [v for k, v in stats.items() if k not in SCRIPTS]
+    cpu = client.info("cpu")
+    cpu_us = round((cpu["used_cpu_user_main_thread"] + cpu["used_cpu_sys_main_thread"]) * 1e6)
+    return sum(int(v["usec"]) for v in rows), sum(int(v["calls"]) for v in rows), cpu_us
 
 
 def measure(client: redis.Redis, fn: Callable[[], Any], repeat: int) -> dict[str, float]:
-    """Median Redis time (ms), commands and wall time (ms) of `fn` over `repeat` runs."""
+    """Medians over `repeat` runs of `fn`: Redis's command time and main-thread CPU (ms),
+    commands, and the wall time here (ms)."""
     runs = []
     for _ in range(repeat):
-        usec0, calls0 = redis_usec(client)
+        before = redis_counters(client)
         started = time.perf_counter()
         fn()
         wall = time.perf_counter() - started
-        usec1, calls1 = redis_usec(client)
-        runs.append((usec1 - usec0, calls1 - calls0, wall))
+        after = redis_counters(client)
+        runs.append([a - b for a, b in zip(after, before, strict=True)] + [wall])
     return {
         "redis_ms": round(statistics.median(r[0] for r in runs) / 1000, 2),
+        "redis_cpu_ms": round(statistics.median(r[2] for r in runs) / 1000, 1),
         "commands": statistics.median(r[1] for r in runs),
-        "wall_ms": round(statistics.median(r[2] for r in runs) * 1000, 1),
+        "wall_ms": round(statistics.median(r[3] for r in runs) * 1000, 1),
     }
 
 
@@ -149,7 +162,8 @@ def reads_part(pending: int, repeat: int) -> dict[str, Any]:
 
 def _sum(figures: dict[str, dict[str, float]], names: list[str]) -> dict[str, float]:
     return {
-        k: round(sum(figures[n][k] for n in names), 2) for k in ("redis_ms", "commands", "wall_ms")
+        k: round(sum(figures[n][k] for n in names), 2)
+        for k in ("redis_ms", "redis_cpu_ms", "commands", "wall_ms")
     }
 
 

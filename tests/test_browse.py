@@ -219,3 +219,15 @@ def test_bad_input_is_one_line(redis_server: RedisServer) -> None:
     client: redis.Redis = redis_server.client()
     with pytest.raises(InvalidInput, match="invalid action"):
         browse.timers_of_order(client, Keys(), "SN1", ["no:colons"])
+
+
+def test_pages_are_the_same_where_the_acl_refuses_scripts(redis_server: RedisServer) -> None:
+    """peek_after.lua refused (no EVALSHA): one command per shard instead, same rows."""
+    admin = redis_server.client()
+    keys = Keys(namespace="acl", shards=SHARDS)
+    TimerStore(admin, keys).schedule(spread(300, redis_now_ms(admin), "A"))
+    admin.acl_setuser("reader", enabled=True, nopass=True, keys=["*"], commands=["+@read"])
+    reader = redis.Redis(port=redis_server.port, username="reader", decode_responses=True)
+    assert walk(browse.pending_page, reader, keys)[0] == walk(browse.pending_page, admin, keys)[0]
+    evalsha = admin.info("commandstats")["cmdstat_evalsha"]
+    assert evalsha["calls"] >= 1 and evalsha["rejected_calls"] >= 1, evalsha

@@ -1,9 +1,10 @@
-"""The figures operators look at, read from Redis in one round trip: used by
+"""The figures operators look at, read from Redis in a few round trips: used by
 `delayq status`, `/metrics` and the dashboard alike."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
 import time
@@ -13,18 +14,20 @@ from typing import Any
 import redis
 
 from delayq.keys import Keys
-from delayq.redis_conn import is_cluster
+from delayq.redis_conn import is_cluster, run_read_only
 from delayq.timing import from_ms
 
 #: Overdue timers are counted in at most this many shards (a listener that is down for
 #: long has many; the count then says "at least").
 OVERDUE_SHARDS = 1000
+#: Index shards counted per count_pending.lua call (~0.5 ms of Redis).
+COUNT_CHUNK = 1024
 #: A listener whose last heartbeat is older than this is not counted as alive.
 LISTENER_ALIVE_MS = 10_000
 #: Seconds the listener reuses its Redis figures: /metrics scrapes and dashboard refreshes
-#: within this long share one read (with 1,000,000 timers pending a read is ~16,400
-#: commands on one Redis). Gauges then lag Redis by up to this long, well under a
-#: scrape interval.
+#: within this long share one read (~20 ms of Redis with 1,000,000 timers pending on one
+#: Redis, BENCHMARKS.md). Gauges then lag Redis by up to this long, well under a scrape
+#: interval.
 FIGURES_CACHE_S = 5.0
 
 
@@ -39,7 +42,6 @@ def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> 
     sec, usec = client.time()
     now_ms = sec * 1000 + usec // 1000
     pipe = client.pipeline(transaction=False)
-    pipe.zrange(keys.heads, 0, -1)
     pipe.zrange(keys.heads, 0, 0, withscores=True)
     pipe.zrangebyscore(keys.heads, "-inf", now_ms, start=0, num=OVERDUE_SHARDS)
     pipe.zcard(keys.claims)
@@ -47,17 +49,15 @@ def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> 
     pipe.zrangebyscore(keys.listeners, now_ms - LISTENER_ALIVE_MS, "+inf", withscores=True)
     if dead_limit > 0:  # HSCAN ... COUNT 0 is a syntax error
         pipe.hscan(keys.dead, 0, count=dead_limit)
-    shards, head, overdue_shards, inflight, dead_count, alive, *scanned = pipe.execute()
+    head, overdue_shards, inflight, dead_count, alive, *scanned = pipe.execute()
     dead = scanned[0][1] if scanned else {}
-    # One small command per shard in a pipeline: other clients' commands run in between,
-    # which one Lua call summing 16,384 shards would not allow.
-    pipe = client.pipeline(transaction=False)
-    for shard_id in shards:
-        pipe.zcard(f"{keys.shard_prefix}{shard_id}")
-    for shard_id in overdue_shards:
-        pipe.zcount(f"{keys.shard_prefix}{shard_id}", "-inf", now_ms)
-    counts = pipe.execute() if shards else []
-    pending, overdue = sum(counts[: len(shards)]), sum(counts[len(shards) :])
+    pending = _pending(client, keys) if head else 0
+    overdue = 0
+    if overdue_shards:
+        pipe = client.pipeline(transaction=False)
+        for shard_id in overdue_shards:
+            pipe.zcount(f"{keys.shard_prefix}{shard_id}", "-inf", now_ms)
+        overdue = sum(pipe.execute())
     dead_list = [dead_letter(key, raw) for key, raw in sorted(dead.items())[:dead_limit]]
     return {
         "pending": pending,
@@ -71,6 +71,30 @@ def redis_figures(client: redis.Redis, keys: Keys, *, dead_limit: int = 100) -> 
             for member, score in alive
         ],
     }
+
+
+def _pending(client: redis.Redis, keys: Keys) -> int:
+    """The timers in the due index: count_pending.lua over COUNT_CHUNK shards a call, one
+    call per round trip (other clients' commands run in between, which one call over all
+    16,384 shards would not allow), or, where scripts are refused, a ZCARD per shard."""
+    names = _shard_keys(keys.shard_prefix, keys.shards)
+    chunks = [names[i : i + COUNT_CHUNK] for i in range(0, len(names), COUNT_CHUNK)]
+    try:
+        return sum(int(run_read_only(client, "count_pending", [c])[0]) for c in chunks)
+    except redis.ResponseError:
+        pass
+    n = 0
+    for chunk in chunks:
+        pipe = client.pipeline(transaction=False)
+        for name in chunk:
+            pipe.zcard(name)
+        n += sum(pipe.execute())
+    return n
+
+
+@functools.cache
+def _shard_keys(prefix: str, shards: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{n}" for n in range(shards))
 
 
 def dead_letter(field: str, raw: str) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
-from redis.exceptions import RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException
 
 from delayq.cluster.url import connect_cluster, is_cluster_url
 from delayq.errors import NotReady, ServiceUnavailable
@@ -240,3 +242,23 @@ def _without_generic(flags: str, how: str) -> str:
         "that do not use delayq (plain SETEX) are adopted only by the sweep, up to a pass "
         f"late, instead of the moment they are set; want {WANTED_FLAGS!r} ({how})"
     )
+
+
+def run_read_only(client: redis.Redis, name: str, argvs: Sequence[Sequence[Any]]) -> list[Any]:
+    """A read-only script of delayq/lua/ whose text starts with its flags line (no
+    prelude) once per argument list, pipelined, on one server. By EVALSHA, loading it
+    on NOSCRIPT: a pipeline of Script objects would send SCRIPT EXISTS, which the
+    listener's ACL does not allow. Raises redis.ResponseError where it is refused."""
+    text = (files("delayq") / "lua" / f"{name}.lua").read_text()
+    sha = hashlib.sha1(text.encode()).hexdigest()
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        for argv in argvs:
+            pipe.evalsha(sha, 0, *argv)
+        try:
+            return list(pipe.execute())
+        except NoScriptError:
+            if attempt:
+                raise
+            client.script_load(text)
+    raise AssertionError("unreachable")

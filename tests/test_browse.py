@@ -231,3 +231,40 @@ def test_pages_are_the_same_where_the_acl_refuses_scripts(redis_server: RedisSer
     assert walk(browse.pending_page, reader, keys)[0] == walk(browse.pending_page, admin, keys)[0]
     evalsha = admin.info("commandstats")["cmdstat_evalsha"]
     assert evalsha["calls"] >= 1 and evalsha["rejected_calls"] >= 1, evalsha
+
+
+@pytest.mark.slow
+def test_with_a_million_pending_every_first_page_is_a_few_dozen_commands(
+    redis_server: RedisServer,
+) -> None:
+    """The 1,000,000-timer case of benchmarks/dashboard_load.py, as a check: the first
+    pages read what a page needs, a deep page one read per shard, and the figures that
+    /metrics and the dashboard share come from one read per FIGURES_CACHE_S."""
+    from datetime import timedelta
+
+    from delayq.figures import CachedFigures
+    from delayq.producer import Producer
+
+    client = redis_server.client()
+    keys = Keys()
+    producer = Producer(client, keys)
+    for start in range(0, 1_000_000, 20_000):
+        producer.schedule_many(
+            [
+                (f"M{j:09d}", timedelta(days=1, milliseconds=100 * j))
+                for j in range(start, start + 20_000)
+            ]
+        )
+    first = browse.pending_page(client, keys)
+    assert first.reads <= 2 * (LIMIT * 2 + 1) + 3
+    assert [r["timer"] for r in first.rows] == [f"M{j:09d}:cancel" for j in range(50)]
+    opened_at = first.rows[0]["due_ms"] + 50_000_000  # about the 500,000th timer
+    deep = browse.pending_page(client, keys, after=browse.pending_cursor(opened_at))
+    j = int(deep.rows[0]["order_sn"][1:])
+    assert [r["timer"] for r in deep.rows] == [f"M{i:09d}:cancel" for i in range(j, j + 50)]
+    before = f"M{j - 1:09d}:cancel"
+    assert deep.rows[0]["due_ms"] >= opened_at > client.zscore(keys.shard(before), before)
+    assert deep.reads <= 16_384 + 2 * 51 + 10
+    cache = CachedFigures(client, keys)
+    assert cache.get()["pending"] == cache.get(dead_limit=0)["pending"] == 1_000_000
+    assert cache.reads == 1

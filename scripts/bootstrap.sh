@@ -95,6 +95,10 @@ fi
 if ! command -v openssl >/dev/null; then
     missing+=(openssl)
 fi
+# tests/test_ops_kit.py records a listener's system calls against the unit's filter.
+if ! command -v strace >/dev/null; then
+    missing+=(strace)
+fi
 # tests/test_dashboard.py runs these exact paths; Selenium must not fetch its own.
 if [[ ! -x /usr/bin/chromium ]]; then
     missing+=(chromium)
@@ -116,7 +120,7 @@ if ((${#missing[@]} + ${#tool_only[@]})); then
         log "warning: missing ${missing[*]} ${tool_only[*]} and not root; tests needing them will fail or skip"
     fi
 else
-    log "redis-server, mariadbd, PostgreSQL, python3, chromium, chromedriver and promtool present"
+    log "redis-server, mariadbd, PostgreSQL, python3, openssl, strace, chromium, chromedriver and promtool present"
 fi
 
 # --- MariaDB -----------------------------------------------------------------

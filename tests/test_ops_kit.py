@@ -1,17 +1,20 @@
 """The ops kit in deploy/ holds against the real tools and a real listener: promtool checks
 the Prometheus rules and runs their unit tests (every alert shown firing and not firing),
 every metric the Grafana dashboard and the rules query is one a running listener serves,
-the JSON log lines carry their numbers as typed fields, and systemd-analyze rates the
-hardened unit 2.0 or better and finds nothing wrong in it.
+the JSON log lines carry their numbers as typed fields, systemd-analyze rates the
+hardened unit 2.0 or better and finds nothing wrong in it, and a listener makes no system
+call the unit's filter refuses.
 
-With CI=true a missing promtool or systemd-analyze fails the test (scripts/bootstrap.sh
-installs promtool; systemd-analyze comes with systemd)."""
+With CI=true a missing promtool, strace or systemd-analyze fails the test
+(scripts/bootstrap.sh installs promtool and strace; systemd-analyze comes with systemd)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -34,7 +37,7 @@ from tests.harness import (
     migrate_cli,
     outcome_rows,
 )
-from tests.servers import RedisServer, free_port, wait_for
+from tests.servers import RedisServer, free_port, start_process, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "delayq-rules.yml"
@@ -50,6 +53,10 @@ PROMETHEUS_OWN = {"up"}
 #: Grafana's own variables, replaced by what they stand for when a query is checked.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$job": ".*", "$instance": ".*"}
 TOOL_TIMEOUT_S = 60
+#: System calls a listener running as root makes and one running as the unit's user does
+#: not: SQLite gives its WAL and journal files the database file's owner only when root
+#: (os_unix.c, robustFchown).
+ROOT_ONLY_SYSCALLS = {"fchown"}
 
 
 def _tool(name: str, in_ci: bool, package: str) -> str:
@@ -222,17 +229,35 @@ def test_grafana_dashboard_queries_are_valid_promql(in_ci: bool, tmp_path: Path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def _listener_env(redis_server: RedisServer, sqlite_url: str, tmp_path: Path) -> dict[str, str]:
+    env = clean_env(REDIS_URL=redis_server.url(0), DATABASE_URL=sqlite_url, HOME=str(tmp_path))
+    migrate_cli(env)
+    return env
+
+
+def _fire(redis_server: RedisServer, sqlite_url: str) -> None:
+    """Fire an applied and a not_found timer, and an outbox row's timer (applied), through
+    the listener running on `redis_server` and `sqlite_url`; wait for their outcomes."""
+    engine = engine_for(sqlite_url)
+    try:
+        create_orders(engine, ["SN-PAID-LATE", "SN-OUTBOX"])
+        Producer(redis_server.client(), Keys()).schedule_many(
+            [("SN-PAID-LATE", 0), ("SN-NO-ORDER", 0)]
+        )
+        with engine.begin() as conn:
+            delayq.schedule_expiry("SN-OUTBOX", 0, connection=conn)
+        wait_for(lambda: len(outcome_rows(engine)) == 3, 30, what="three timers fired")
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture
 def fired_listener(
     redis_server: RedisServer, sqlite_url: str, tmp_path: Path
 ) -> Iterator[tuple[ListenerProcess, int]]:
     """A listener serving HTTP, logging JSON, that has fired an applied and a not_found
     timer, and relayed an outbox row whose timer it applied."""
-    env = clean_env(REDIS_URL=redis_server.url(0), DATABASE_URL=sqlite_url, HOME=str(tmp_path))
-    migrate_cli(env)
-    engine = engine_for(sqlite_url)
-    create_orders(engine, ["SN-PAID-LATE", "SN-OUTBOX"])
-    client = redis_server.client()
+    env = _listener_env(redis_server, sqlite_url, tmp_path)
     port = free_port()
     listener = ListenerProcess(
         env,
@@ -240,14 +265,10 @@ def fired_listener(
         ("--http", f"127.0.0.1:{port}", "--log-format", "json"),
     ).start()
     try:
-        Producer(client, Keys()).schedule_many([("SN-PAID-LATE", 0), ("SN-NO-ORDER", 0)])
-        with engine.begin() as conn:
-            delayq.schedule_expiry("SN-OUTBOX", 0, connection=conn)
-        wait_for(lambda: len(outcome_rows(engine)) == 3, 30, what="three timers fired")
+        _fire(redis_server, sqlite_url)
         yield listener, port
     finally:
         listener.stop()
-        engine.dispose()
 
 
 def _served_names(port: int) -> set[str]:
@@ -348,3 +369,76 @@ def test_listener_unit_passes_systemd_analyze_verify(in_ci: bool, tmp_path: Path
     assert done.returncode == 0, done.stdout + done.stderr
     # Warnings (an unknown or misspelt directive) are printed without failing verify.
     assert _lines_about(done.stdout + done.stderr, [UNIT.name, str(unit)]) == []
+
+
+def unit_syscall_allow_list(analyze: str) -> set[str]:
+    """The system calls the unit's SystemCallFilter= lines allow: the first names the
+    allowed sets, each later `~` line takes sets away (as systemd reads them)."""
+    groups: dict[str, set[str]] = {}
+
+    def expand(name: str) -> set[str]:
+        if not name.startswith("@"):
+            return {name}
+        if name not in groups:
+            listed = _run(analyze, "syscall-filter", name)
+            assert listed.returncode == 0, listed.stderr
+            entries = [line.strip() for line in listed.stdout.splitlines()[1:]]
+            groups[name] = set().union(*(expand(e) for e in entries if e and not e.startswith("#")))
+        return groups[name]
+
+    filters = [
+        line.partition("=")[2].split()
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("SystemCallFilter=")
+    ]
+    assert filters and not filters[0][0].startswith("~"), "an allow list comes first"
+    allowed = set().union(*(expand(name) for name in filters[0]))
+    for names in filters[1:]:
+        assert names[0].startswith("~"), "later lines take calls away"
+        allowed -= set().union(*(expand(name.lstrip("~")) for name in names))
+    return allowed
+
+
+def _traced_syscalls(summary: Path) -> set[str]:
+    """System call names from `strace -c` output (the rows between the rules)."""
+    names = set()
+    for line in summary.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1] != "total" and re.fullmatch(r"[\d.]+", fields[0]):
+            names.add(fields[-1])
+    return names
+
+
+def test_a_listener_makes_only_system_calls_the_units_filter_allows(
+    in_ci: bool, redis_server: RedisServer, sqlite_url: str, tmp_path: Path
+) -> None:
+    # No systemd runs the unit here (no systemd as PID 1): strace records every system
+    # call a listener makes while it fires timers, relays the outbox and serves HTTP.
+    strace = _tool("strace", in_ci, "strace")
+    allowed = unit_syscall_allow_list(_tool("systemd-analyze", in_ci, "systemd"))
+    assert {"read", "epoll_wait", "connect"} <= allowed and "setuid" not in allowed
+    env = _listener_env(redis_server, sqlite_url, tmp_path)
+    port = free_port()
+    summary, log = tmp_path / "syscalls.txt", tmp_path / "listener.log"
+    traced = start_process(
+        [strace, "-f", "-qq", "-c", "-o", str(summary), DELAYQ, "listen", "--http",
+         f"127.0.0.1:{port}"],
+        env,
+        log,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: "listening:" in log.read_text(), 30, what=f"listener ready ({log})")
+        _fire(redis_server, sqlite_url)
+        for path in ("/metrics", "/healthz", "/readyz", "/"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                assert r.status == 200
+        # SIGTERM to the listener itself; strace ends with it.
+        children = Path(f"/proc/{traced.pid}/task/{traced.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGTERM)
+        traced.wait(timeout=30)
+    finally:
+        stop_process(traced)
+    used = _traced_syscalls(summary)
+    assert len(used) >= 30, summary.read_text()
+    refused = used - allowed - (ROOT_ONLY_SYSCALLS if os.geteuid() == 0 else set())
+    assert refused == set(), "the unit's SystemCallFilter= would refuse these"

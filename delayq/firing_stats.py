@@ -3,9 +3,10 @@ data of the dashboard's chart.
 
 Each listener adds each acknowledged batch to its minute's hash in Redis
 (`{ns}:stats:MINUTE`, Keys.firing_stats): `n` firings settled, `l` of them applied with
-a lateness, and `bI` a histogram of those latenesses. It goes out in the same round trip
-as the batch's ack (a script call pipelined with it; on a cluster, a call in the same
-round), so the hot path gains no round trip. The hashes expire after KEEP_MS.
+a lateness, and `bI` a histogram of those latenesses. On one Redis the batch's ack script
+writes it (ack.lua, best effort); on a cluster, where the hash lives in the namespace's
+own slot, a record_firings.lua call in the same round as the acks. The hot path gains no
+round trip. The hashes expire after KEEP_MS.
 
 Percentiles come from the histogram: bucket 0 holds 0-1 ms, bucket i (1..40) holds
 (2^((i-1)/2), 2^(i/2)] ms, the last bucket everything over 2^20 ms (~17.5 min). A

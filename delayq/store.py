@@ -22,7 +22,6 @@ propagate to the caller, which knows whether to retry, report or wait for a leas
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from typing import Any
 
 import redis
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
 
 from delayq.errors import NotReplicated
 from delayq.keys import Keys, firing_id, parse_firing_id
@@ -211,27 +209,11 @@ class TimerStore:
         stats: tuple[list[str], list[Any]] | None = None,
     ) -> None:
         """Forget firings whose outcome is committed; only these firings are touched.
-        `stats`: a record_firings call (delayq.firing_stats) sent in the same round trip."""
-        keys, args = ack_call(self.keys, list(dict.fromkeys(firing_ids)), recent_window_ms)
-        if stats is None:
-            self.scripts.ack(keys=keys, args=args)
-            return
-        # EVALSHA in a pipeline of our own: a pipeline of Script objects would ask SCRIPT
-        # EXISTS first, which the listener's ACL does not allow.
-        record = self.scripts.record_firings
-        pipe = self.client.pipeline(transaction=False)
-        pipe.evalsha(self.scripts.ack.sha, len(keys), *keys, *args)
-        pipe.evalsha(record.sha, len(stats[0]), *stats[0], *stats[1])
-        acked, recorded = pipe.execute(raise_on_error=False)
-        if isinstance(acked, NoScriptError):
-            self.scripts.ack(keys=keys, args=args)  # loads it (Redis restarted, or flushed)
-        elif isinstance(acked, Exception):
-            raise acked
-        if isinstance(recorded, NoScriptError):
-            # The chart's figures are best effort (any other error is let go): the ack's
-            # outcome is what counts.
-            with contextlib.suppress(redis.RedisError):
-                record(keys=stats[0], args=stats[1])
+        `stats`: the batch's record_firings call (delayq.firing_stats), made by the same
+        script call."""
+        ids = list(dict.fromkeys(firing_ids))
+        keys, args = ack_call(self.keys, ids, recent_window_ms, stats)
+        self.scripts.ack(keys=keys, args=args)
 
     def retry_later(
         self,
@@ -421,9 +403,16 @@ def claim_expired_call(
 
 
 def ack_call(
-    k: Keys, firing_ids: Sequence[str], recent_window_ms: int
+    k: Keys,
+    firing_ids: Sequence[str],
+    recent_window_ms: int,
+    stats: tuple[list[str], list[Any]] | None = None,
 ) -> tuple[list[str], list[Any]]:
-    return [k.claims, k.claims_per_key, k.attempts, k.recent], [recent_window_ms, *firing_ids]
+    keys = [k.claims, k.claims_per_key, k.attempts, k.recent]
+    args = [recent_window_ms, len(firing_ids), *firing_ids]
+    if stats is None:
+        return keys, args
+    return keys + stats[0], args + stats[1]
 
 
 def retry_later_call(

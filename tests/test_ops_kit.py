@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -271,12 +272,19 @@ def fired_listener(
         listener.stop()
 
 
-def _served_names(port: int) -> set[str]:
+def _scrape(port: int) -> dict[str, float]:
+    """Sample values by name from /metrics (of a labelled metric, its last sample)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     return {
-        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
     }
+
+
+def _served_names(port: int) -> set[str]:
+    return set(_scrape(port))
 
 
 def test_dashboard_and_rules_query_only_metrics_a_running_listener_serves(
@@ -292,6 +300,21 @@ def test_dashboard_and_rules_query_only_metrics_a_running_listener_serves(
         assert len(names) >= 8
         unknown = names - served - recorded - PROMETHEUS_OWN
         assert unknown == set(), f"{source} queries metrics no listener serves"
+
+
+def test_alerting_gauges_say_redis_and_the_database_answer_and_when_a_batch_committed(
+    fired_listener: tuple[ListenerProcess, int], redis_server: RedisServer
+) -> None:
+    _, port = fired_listener
+    figures = _scrape(port)
+    assert figures["delayq_redis_up"] == 1 and figures["delayq_database_up"] == 1
+    assert 0 < time.time() - figures["delayq_last_batch_timestamp_seconds"] < 60
+    redis_server.stop()
+    # The probe asks each second; a refused connection fails at once.
+    wait_for(lambda: _scrape(port)["delayq_redis_up"] == 0, 15, what="delayq_redis_up 0")
+    assert _scrape(port)["delayq_database_up"] == 1
+    # The Redis gauges are left out once the figures cached for a few seconds run out.
+    wait_for(lambda: "delayq_pending" not in _scrape(port), 15, what="Redis gauges left out")
 
 
 # --- structured JSON logs -----------------------------------------------------------------

@@ -58,7 +58,8 @@ install_without_starting() {
         trap - EXIT
     fi
     for package in "$@"; do
-        if [[ -d /run/systemd/system ]]; then
+        # Both edit links only (no running systemd needed): not started at the next boot.
+        if command -v systemctl >/dev/null; then
             systemctl disable --quiet "$package.service" 2>/dev/null || true
         fi
         update-rc.d "$package" disable >/dev/null 2>&1 || true

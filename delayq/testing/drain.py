@@ -47,8 +47,8 @@ class Drain(Listener):
         self, settings: Settings, client: redis.Redis, engine: Engine, keys: Keys, actions: Actions
     ) -> None:
         super().__init__(settings, client, engine, keys, actions)
-        self.db_outage = _Failure(self.db_outage.what)
-        self.redis_outage = _Failure(self.redis_outage.what)
+        self.db_outage = _Failure(self.db_outage.server, self.db_outage.what)
+        self.redis_outage = _Failure(self.redis_outage.server, self.redis_outage.what)
         self._outcomes: list[Outcome] = []
 
     def drain(self) -> list[Outcome]:

@@ -447,7 +447,7 @@ def _sync(client: redis.Redis, p: Keys, reads: _Reads) -> int:
     ):
         while chunk := list(islice(source, SCRIPT_CHUNK)):
             n += int(_run_script(client, p, "index_dead", [p.dead, p.dead_index], chunk))
-            reads.n += 1 + len(chunk) // SCRIPT_CHUNK
+            reads.n += 2  # a step of the scan, and the script call
     return n
 
 

@@ -19,7 +19,6 @@ from delayq import browse
 from delayq.dashboard.chart import Chart, build
 from delayq.db import last_outcome, outcome_history, outcomes_page
 from delayq.errors import InvalidInput
-from delayq.figures import redis_figures
 from delayq.introspect import timer_info
 from delayq.keys import parse_firing_id, timer_key
 from delayq.timing import ACTION_RE, ORDER_SN_RE
@@ -56,7 +55,8 @@ def front(listener: Listener) -> dict[str, Any]:
     from delayq import firing_stats
 
     try:
-        figures = redis_figures(listener.client, listener.keys, dead_limit=0)
+        # Shared with /metrics: Redis is read at most every FIGURES_CACHE_S per listener.
+        figures = listener.figures.get(dead_limit=0)
         rows = firing_stats.last_hour(listener.client, listener.keys)
     except redis.RedisError as exc:
         problems.append(f"Redis: {one_line(exc)}")

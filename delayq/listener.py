@@ -861,8 +861,11 @@ class Listener:
                 "DELAYQ_FLAG_ACTIONS (e.g. DELAYQ_FLAG_ACTIONS=1=cancel)",
                 ", ".join(unmapped),
             )
-        by_outcome = Counter(o.outcome for o in outcomes)
-        by_action = Counter(o.action for o in outcomes)
+        by_outcome: Counter[str] = Counter()
+        by_action: Counter[str] = Counter()
+        for (action, outcome), n in counts.items():
+            by_outcome[outcome] += n
+            by_action[action] += n
         fields = {
             "event": "batch",
             "batch_size": len(outcomes),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from delayq import browse
+from delayq import browse, firing_stats
 from delayq.dashboard.chart import Chart, build
 from delayq.db import last_outcome, outcome_history, outcomes_page
 from delayq.errors import InvalidInput
@@ -52,8 +52,6 @@ def front(listener: Listener) -> dict[str, Any]:
     problems = list(listener.health_problems())
     figures: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
-    from delayq import firing_stats
-
     try:
         # Shared with /metrics: Redis is read at most every FIGURES_CACHE_S per listener.
         figures = listener.figures.get(dead_limit=0)

@@ -39,6 +39,7 @@ from rich.progress import Progress
 from delayq import bench, browse, firing_stats
 from delayq.figures import CachedFigures, redis_figures
 from delayq.keys import Keys
+from delayq.layout import read_layout, reshard
 from delayq.producer import Producer
 from delayq.store import TimerStore
 
@@ -110,14 +111,16 @@ def load(client: redis.Redis, keys: Keys, pending: int) -> float:
     return took
 
 
-def reads_part(pending: int, repeat: int) -> dict[str, Any]:
+def reads_part(pending: int, repeat: int, shards: int | None = None) -> dict[str, Any]:
     with bench.scratch_redis(None) as url:
         client = redis.Redis.from_url(url, decode_responses=True)
         keys = Keys()
+        if shards:
+            reshard(client, keys, shards)  # while empty, as `delayq bench --shards` does
         load_s = load(client, keys, pending)
         middle = pending // 2
         # A page halfway down the list (what a jump to the 10,000th page costs).
-        due_mid = client.zscore(keys.shard(f"FAR{middle:026d}:cancel"), f"FAR{middle:026d}:cancel")
+        due_mid = TimerStore(client, keys).timer_state(f"FAR{middle:026d}:cancel").pending_due_ms
         deep = browse.pending_cursor(int(due_mid or 0))
         dead_next = browse.dead_page(client, keys).next
         cache = CachedFigures(client, keys)
@@ -141,6 +144,7 @@ def reads_part(pending: int, repeat: int) -> dict[str, Any]:
         }
         figures = {name: measure(client, fn, repeat) for name, fn in steps.items()}
         info = client.info("memory")
+        shard_count = read_layout(client, keys).shards
         client.close()
     refresh = [
         "front page figures (redis_figures, uncached)",
@@ -152,6 +156,7 @@ def reads_part(pending: int, repeat: int) -> dict[str, Any]:
     cached_refresh = ["front page figures (cached)", *refresh[1:]]
     return {
         "pending": pending,
+        "shards": shard_count,
         "load_s": round(load_s, 1),
         "used_memory_mb": round(int(info["used_memory"]) / 2**20),
         "reads": figures,
@@ -243,11 +248,12 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000, help="scrape part: timers due a second")
     parser.add_argument("--duration", type=float, default=30.0, help="scrape part: seconds")
     parser.add_argument("--scrape-interval", type=float, default=1.0)
+    parser.add_argument("--shards", type=int, help="reads part: grow the index to this first")
     parser.add_argument("--json-file", type=Path)
     args = parser.parse_args()
     report: dict[str, Any] = {"machine": bench._machine()}
     if args.part in ("reads", "all"):
-        report["reads"] = reads_part(args.pending, args.repeat)
+        report["reads"] = reads_part(args.pending, args.repeat, args.shards)
         print(json.dumps(report["reads"], indent=2), flush=True)
     if args.part in ("scrape", "all"):
         report["scrape"] = scrape_part(args.pending, args.rate, args.duration, args.scrape_interval)

@@ -44,7 +44,8 @@ from redis.commands.core import Script
 
 from delayq.errors import InvalidInput
 from delayq.figures import dead_letter
-from delayq.keys import Keys, parse_firing_id, parse_timer_key
+from delayq.keys import Keys, Layout, parse_firing_id, parse_timer_key
+from delayq.layout import read_layout
 from delayq.redis_conn import is_cluster, run_read_only, script_source
 from delayq.timing import from_ms, validate_order_sn
 
@@ -214,18 +215,21 @@ def timers_of_order(
         wanted.append(f"{order_sn}:{action}")
     reads = _Reads(client)
     parts = [_partition_of(client, keys, key) for key in wanted]
+    layout = Layout() if is_cluster(client) else read_layout(client, keys)
     calls: list[Cmd] = []
     for key, p in zip(wanted, parts, strict=True):
         calls += [
-            _cmd("zscore", p.shard(key), key),
+            # Each shard it may be in (two while the index is resized: delayq.layout).
+            *(_cmd("zscore", shard, key) for shard in p.shards_of(key, layout)),
             _cmd("exists", key),
             _cmd("hexists", p.claims_per_key, key),
             _cmd("hexists", p.dead, key),
         ]
-    replies = reads.run(calls)
+    replies = iter(reads.run(calls))
     found = []
-    for i, (key, p) in enumerate(zip(wanted, parts, strict=True)):
-        if any(replies[4 * i : 4 * i + 4]) or _has_dead_firing(client, p, key):
+    for key, p in zip(wanted, parts, strict=True):
+        held = [next(replies) for _ in range(len(p.shards_of(key, layout)) + 3)]
+        if any(held) or _has_dead_firing(client, p, key):
             found.append(key)
     return found
 

@@ -29,14 +29,44 @@ def timer_key(order_sn: str, action: str) -> str:
 #: The due index is split into this many small sorted sets, by a hash of the timer key.
 #: Small sets stay in Redis's compact listpack encoding (up to zset-max-listpack-entries,
 #: 128 by default, so up to ~2M pending timers): ~45 bytes a timer instead of ~150 in one
-#: big sorted set. Every producer and listener must agree on it: it is not a setting.
+#: big sorted set. It is the count of a namespace never resized, and the only one delayq
+#: 0.2 knows; `delayq reshard` grows a namespace's count, kept in Redis (Layout).
 SHARDS = 16384
+
+
+def key_hash(key: str) -> int:
+    """The CRC-32 of a timer key: its shard under any shard count is this modulo the count.
+    Scripts are given the hash and take the modulo of the count Redis holds (Layout)."""
+    return zlib.crc32(key.encode())
 
 
 def shard_of(key: str, shards: int = SHARDS) -> int:
     """The index shard of a timer key: a pure function of the key, so cancelling or moving
     a timer finds its entry without knowing its due time."""
-    return zlib.crc32(key.encode()) % shards if shards > 1 else 0
+    return key_hash(key) % shards if shards > 1 else 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many shards a namespace's due index has (delayq/layout.py keeps it in Redis).
+
+    Writes put a timer's entry in shard `hash % shards`; until a resize has moved it, an
+    entry written before the resize is in `hash % previous` (`shards` is a multiple of
+    `previous`, so that shard's number is the new one's modulo `previous`). Scripts read
+    the layout themselves, in the same atomic step as the entry, so a resize that starts
+    while a client runs is never missed."""
+
+    shards: int = SHARDS
+    #: The count before the last resize (equal to `shards` if there was none).
+    previous: int = SHARDS
+    #: While a resize is under way: how many of the `previous` shards it has moved.
+    moved: int | None = None
+
+    def shards_of(self, key: str) -> tuple[int, ...]:
+        """The shards `key`'s entry may be in: where writes put it first."""
+        h = key_hash(key)
+        home, before = h % self.shards, h % self.previous
+        return (home,) if home == before else (home, before)
 
 
 def parse_timer_key(key: str) -> tuple[str, str]:
@@ -82,6 +112,21 @@ class Keys:
 
     def shard(self, key: str) -> str:
         return f"{self.shard_prefix}{self.shard_id(key)}"
+
+    def shards_of(self, key: str, layout: Layout) -> list[str]:
+        """The shard keys that may hold `key`'s entry under `layout` (delayq.layout)."""
+        if self.slot is not None:
+            return [self.shard(key)]
+        return [f"{self.shard_prefix}{n}" for n in layout.shards_of(key)]
+
+    @property
+    def layout(self) -> str:
+        """ZSET `shards` -> shard count, `previous` -> count before the last resize,
+        `moved` -> shards moved by a resize under way (delayq.layout). Absent: SHARDS, never
+        resized. Named among the shards (`due:layout`) so that the ACLs written for 0.2,
+        which grant `~{ns}:due:*` with sorted-set commands, let every client read it. A
+        cluster partition has no layout (one shard per slot): ''."""
+        return "" if self.slot is not None else self._k("due:layout")
 
     @property
     def heads(self) -> str:

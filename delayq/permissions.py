@@ -97,12 +97,18 @@ def _write_then_undo(*args: str | int, key: str) -> _Command:
     return _Command(args, str(args[0]).lower(), f" on key {key!r}", ("HDEL", key, PROBE_KEY))
 
 
+def _layout_read(k: Keys) -> list[_Command]:
+    """Every script reads the index's layout (delayq.layout); a cluster partition has none."""
+    return _no_op_zset("ZRANGE", key=k.layout) if k.layout else []
+
+
 def _producer_commands(k: Keys) -> list[_Command]:
     return [
         _cmd("PING"),
         _cmd("TIME"),
         *_no_op_zset("ZSCORE", "ZRANGE", "ZREM", "ZADD", key=k.shard(PROBE_KEY)),
         *_no_op_zset("ZRANGE", "ZREM", "ZADD", key=k.heads),
+        *_layout_read(k),
         *_no_op_zset("ZADD", key=k.recent),
         _cmd("HEXISTS", k.claims_per_key, PROBE_KEY, key=k.claims_per_key),
         _cmd("SET", PROBE_KEY, "1", "XX", "KEEPTTL", key=PROBE_KEY),
@@ -119,6 +125,7 @@ def _listener_commands(k: Keys) -> list[_Command]:
             "ZSCORE", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCOUNT", key=k.shard(PROBE_KEY)
         ),
         *_no_op_zset("ZRANGE", "ZRANGEBYSCORE", "ZADD", "ZREM", key=k.heads),
+        *_layout_read(k),
         _cmd("ZCARD", k.shard(PROBE_KEY), key=k.shard(PROBE_KEY)),
         *_no_op_zset("ZSCORE", "ZADD", "ZREM", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", key=k.claims),
         _cmd("ZSCAN", k.claims, 0, "MATCH", f"{PROBE_KEY}@*", key=k.claims),

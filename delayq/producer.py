@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
-from functools import partial
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache, partial
 from itertools import islice
 from typing import TypeVar
 
@@ -16,14 +17,18 @@ from delayq.errors import InvalidInput, NotReady
 from delayq.keys import Keys, timer_key
 from delayq.redis_conn import client_url, connect, is_cluster, keys_for
 from delayq.settings import Settings
-from delayq.store import CANCELLED, open_store
-from delayq.timing import Delay, from_ms, parse_delay_ms, parse_due_at, to_ms
+from delayq.store import BULK_CHUNK, BULK_PIPELINE_DEPTH, CANCELLED, Timer, open_store
+from delayq.timing import (
+    ACTION_RE,
+    MAX_DELAY_S,
+    Delay,
+    from_ms,
+    parse_delay_ms,
+    parse_due_at,
+    to_ms,
+)
 
 DEFAULT_ACTION = "cancel"
-#: Timers per Lua call in schedule_many (each call holds Redis for ~1-2 ms, so a bulk
-#: load delays a listener's claim by no more), and Lua calls per pipelined round trip.
-BULK_CHUNK = 100
-BULK_PIPELINE_DEPTH = 40
 
 T = TypeVar("T")
 Item = tuple[str, Delay | datetime] | tuple[str, Delay | datetime, str]
@@ -86,12 +91,15 @@ class Producer:
         (order_sn, delay, action); a delay may also be an aware datetime. Every item is
         validated before anything is written. Returns the number scheduled. With
         `connection`, they are staged in your transaction (see `schedule`)."""
-        prepared = [_prepare(item) for item in items]
+        batch = list(items)
         if connection is not None:
-            return _staged_many(connection, prepared)
-        for chunks in bulk_rounds(prepared):
-            self._run(partial(self.store.schedule_bulk, chunks))
-        return len(prepared)
+            return _staged_many(connection, [_prepare(item) for item in batch])
+        if all(map(_usual, batch)):
+            usual = _chunked(batch)
+            self._run(lambda: self.store.schedule_bulk(map(_usual_timers, usual)))
+        else:
+            self._run(partial(self.store.schedule_bulk, _chunked(list(map(_prepare, batch)))))
+        return len(batch)
 
     def cancel(
         self, order_sn: str, *, action: str = DEFAULT_ACTION, connection: object | None = None
@@ -195,17 +203,63 @@ def bulk_rounds(prepared: list[tuple[str, str, int]]) -> Iterator[list[list[tupl
         yield chunks
 
 
+def _chunked(items: list[T]) -> list[list[T]]:
+    """schedule_many's script calls: BULK_CHUNK timers each."""
+    return [items[i : i + BULK_CHUNK] for i in range(0, len(items), BULK_CHUNK)]
+
+
 def _spec(delay: Delay | datetime) -> tuple[str, int]:
     if isinstance(delay, datetime):
         return "at", to_ms(parse_due_at(delay))
     return "in", parse_delay_ms(delay)
 
 
-def _prepare(item: Item) -> tuple[str, str, int]:
+def _prepare(item: Item) -> Timer:
     if not isinstance(item, tuple | list) or len(item) not in (2, 3):
         raise InvalidInput(f"bad item {item!r}: use (order_sn, delay) or (order_sn, delay, action)")
     action = item[2] if len(item) == 3 else DEFAULT_ACTION
     return (timer_key(item[0], action), *_spec(item[1]))
+
+
+#: ORDER_SN_RE's characters; its bound on the length is checked apart (faster).
+_ORDER_SN_CHARS = re.compile(r"[A-Za-z0-9_.-]+").fullmatch
+_NO_DELAY, _MAX_DELAY = timedelta(0), timedelta(seconds=MAX_DELAY_S)
+
+
+@lru_cache(maxsize=256)
+def _is_action(action: str) -> bool:
+    """ACTION_RE, remembered: a bulk load names few actions."""
+    return ACTION_RE.fullmatch(action) is not None
+
+
+def _usual(item: object) -> bool:
+    """Whether `item` is a valid schedule_many item of the usual shape: (order id,
+    timedelta) or (order id, timedelta, action). Such items are only checked before
+    anything is written; each is made a timer (_usual_timers) when its round trip is
+    packed, while Redis runs the one before. Other items take _prepare, which says what
+    is wrong with a bad one."""
+    if type(item) is not tuple or not 2 <= len(item) <= 3:
+        return False
+    order_sn, when, action = item if len(item) == 3 else (*item, DEFAULT_ACTION)
+    return (
+        type(order_sn) is str
+        and len(order_sn) <= 64
+        and _ORDER_SN_CHARS(order_sn) is not None
+        and type(action) is str
+        and _is_action(action)
+        and type(when) is timedelta
+        and _NO_DELAY <= when <= _MAX_DELAY
+    )
+
+
+def _usual_timers(items: Sequence[Item]) -> list[Timer]:
+    """The timers of items _usual accepted: what _prepare makes of them."""
+    timers: list[Timer] = []
+    for item in items:
+        order_sn, when, action = item if len(item) == 3 else (*item, DEFAULT_ACTION)
+        assert isinstance(when, timedelta)
+        timers.append((f"{order_sn}:{action}", "in", parse_delay_ms(when)))  # as timer_key
+    return timers
 
 
 _default: Producer | None = None

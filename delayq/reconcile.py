@@ -42,7 +42,8 @@ from sqlalchemy.engine import Engine
 
 from delayq import db
 from delayq.errors import InvalidInput, NotReady
-from delayq.keys import Keys
+from delayq.keys import Keys, Layout
+from delayq.layout import read_layout
 from delayq.producer import Producer
 from delayq.redis_conn import client_url, unreachable
 from delayq.settings import Settings
@@ -360,6 +361,7 @@ class _TimerCheck:
         self.suffixes = [action, *(f for f, a in flags.items() if a == action)]
         partition_of = getattr(store, "partition_of", None)  # a ClusterStore: per slot
         self.partition: Callable[[str], Keys] = partition_of or (lambda _key: store.keys)
+        self.one_redis = partition_of is None
 
     def held(self, order_sns: list[str]) -> set[str]:
         """The orders among `order_sns` whose timer Redis holds in any state."""
@@ -376,18 +378,24 @@ class _TimerCheck:
         }
         # Each timer's states in the order it passes through them: TTL key, due index,
         # claims (and the claims of listeners before firing ids).
+        # Its entry may be in either shard while the index is resized (delayq.layout).
+        layout = read_layout(self.store.client, self.store.keys) if self.one_redis else Layout()
+        shard = {key: self.partition(key).shards_of(key, layout) for key in owner}
         pipe = self.store.client.pipeline(transaction=False)
         for key in owner:
             k = self.partition(key)
             pipe.pttl(key)
-            pipe.zscore(k.shard(key), key)
+            for name in shard[key]:
+                pipe.zscore(name, key)
             pipe.hget(k.claims_per_key, key)
             pipe.zscore(k.inflight, key)
-        replies = pipe.execute()
+        replies = iter(pipe.execute())
         held: set[str] = set()
-        for i, key in enumerate(owner):
-            ttl_ms, due, claims, inflight = replies[4 * i : 4 * i + 4]
-            if int(ttl_ms) >= 0 or due is not None or int(claims or 0) > 0 or inflight is not None:
+        for key in owner:
+            ttl_ms = next(replies)
+            due = [d for d in [next(replies) for _ in shard[key]] if d is not None]
+            claims, inflight = next(replies), next(replies)
+            if int(ttl_ms) >= 0 or due or int(claims or 0) > 0 or inflight is not None:
                 held.add(owner[key])
         without = {key: sn for key, sn in owner.items() if sn not in held}
         return held | self._dead({key: owner[key] for key in without})

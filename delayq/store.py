@@ -24,22 +24,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from itertools import islice
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from itertools import chain, islice, repeat, takewhile
 from typing import Any
 
 import redis
 from redis.commands.core import Script
 
+from delayq.bulk import run_rounds
 from delayq.errors import NotReplicated
-from delayq.keys import Keys, firing_id, parse_firing_id
+from delayq.keys import Keys, Layout, firing_id, key_hash, parse_firing_id
 from delayq.redis_conn import Scripts
+from delayq.timing import from_ms
 
 #: Dead letters re-queued per script call, so that re-queuing 100,000 holds Redis only
 #: ~1 ms at a time.
 REQUEUE_CHUNK = 500
 #: Index shards read per call by `pending_page` (about 60 timers each with 1M pending).
 PENDING_PAGE_SHARDS = 64
+#: Timers per schedule script call in bulk (each call holds Redis for ~1-2 ms, so a bulk
+#: load delays a listener's claim by no more), and calls per pipelined round trip.
+BULK_CHUNK = 100
+BULK_PIPELINE_DEPTH = 40
+BULK_FIRST_ROUND = 4
 
 
 @dataclass(frozen=True)
@@ -52,10 +61,24 @@ class Firing:
     reclaimed: bool = False
     #: Which try this is: 1, plus one for each failed attempt Redis has counted.
     attempt: int = 1
+    #: Claimed ahead of its due time: the monotonic instant before which it must not be
+    #: applied (delayq.due_queue.ready_at); 0 when it was due when claimed.
+    ready: float = field(default=0.0, compare=False)
 
-    @property
+    # Computed once: an applier reads each of these several times per firing.
+    @cached_property
     def id(self) -> str:
         return firing_id(self.key, self.due_ms)
+
+    @cached_property
+    def due_at(self) -> datetime:
+        """The due time, aware UTC."""
+        return from_ms(self.due_ms)
+
+    @cached_property
+    def naive_due_at(self) -> datetime:
+        """The due time as the outcomes table holds it (naive UTC)."""
+        return self.due_at.replace(tzinfo=None)
 
     @classmethod
     def from_id(cls, fid: str, *, reclaimed: bool = False, attempt: int = 1) -> Firing:
@@ -126,9 +149,19 @@ class TimerStore:
         keys, args = schedule_call(self.keys, timers)
         return [int(d) for d in self._write([(self.scripts.schedule, keys, args)])[0]]
 
-    def schedule_bulk(self, chunks: Sequence[Sequence[Timer]]) -> None:
-        """Schedule chunks of timers in one pipelined round trip (one script call each)."""
-        self._write([(self.scripts.schedule, *schedule_call(self.keys, c)) for c in chunks])
+    def schedule_bulk(self, chunks: Iterable[Sequence[Timer]]) -> None:
+        """Schedule chunks of timers, one script call each, in order: BULK_PIPELINE_DEPTH
+        calls a round trip, each round sent while Redis runs the one before (delayq.bulk)."""
+        calls = (schedule_call(self.keys, c) for c in chunks)
+        # The first round small: Redis waits for nothing but it.
+        sizes = chain([BULK_FIRST_ROUND], repeat(BULK_PIPELINE_DEPTH))
+        run_rounds(
+            self.client,
+            self.scripts.schedule,
+            takewhile(bool, (list(islice(calls, n)) for n in sizes)),
+            wait_replicas=self.wait_replicas,
+            wait_timeout_ms=self.wait_timeout_ms,
+        )
 
     def cancel(self, key: str) -> int:
         """Disarm a timer: CANCELLED (no firing of it will apply after this returns),
@@ -152,9 +185,10 @@ class TimerStore:
         check_replicated(int(confirmed), self.wait_replicas, self.wait_timeout_ms)
         return results
 
-    def claim_due(self, limit: int, lease_ms: int) -> Claim:
-        """Claim up to `limit` firings: those whose lease ran out first, then those due."""
-        keys, args = claim_due_call(self.keys, limit, lease_ms)
+    def claim_due(self, limit: int, lease_ms: int, ahead_ms: int = 0) -> Claim:
+        """Claim up to `limit` firings: those whose lease ran out first, then those due,
+        or due within `ahead_ms` (the caller holds those until they are due)."""
+        keys, args = claim_due_call(self.keys, limit, lease_ms, ahead_ms)
         raw = self.scripts.claim_due(keys=keys, args=args)
         reclaimed = int(raw[2])
         ids = [str(fid) for fid in raw[3:]]
@@ -272,11 +306,14 @@ class TimerStore:
         """Everything Redis holds about one timer (a few reads, none of them scripts)."""
         k = self.keys
         pattern = f"{_glob_escape(key)}@*"
+        shards = k.shards_of(key, self.layout())
         pipe = self.client.pipeline(transaction=False)
-        pipe.zscore(k.shard(key), key)
+        for shard in shards:
+            pipe.zscore(shard, key)
         pipe.pttl(key)
         pipe.hget(k.dead, key)
-        due, ttl_ms, old_dead = pipe.execute()
+        *found, ttl_ms, old_dead = pipe.execute()
+        due = next((d for d in found if d is not None), None)
         claims = []
         for fid, lease in self.client.zscan_iter(k.claims, match=pattern, count=1000):
             attempts = self.client.hget(k.attempts, fid)
@@ -298,12 +335,19 @@ class TimerStore:
     def pending_page(self, cursor: int) -> tuple[int, list[tuple[str, int]]]:
         """One bounded step over the due index, in shard order: (next cursor, 0 once every
         shard was read; the (timer key, due ms) of PENDING_PAGE_SHARDS shards). Start at 0."""
-        end = min(cursor + PENDING_PAGE_SHARDS, self.keys.shards)
+        shards = self.layout().shards
+        end = min(cursor + PENDING_PAGE_SHARDS, shards)
         pipe = self.client.pipeline(transaction=False)
         for n in range(cursor, end):
             pipe.zrange(f"{self.keys.shard_prefix}{n}", 0, -1, withscores=True)
         found = [(str(key), int(due)) for entries in pipe.execute() for key, due in entries]
-        return (0 if end >= self.keys.shards else end), found
+        return (0 if end >= shards else end), found
+
+    def layout(self) -> Layout:
+        """The due index's layout in Redis (delayq.layout): how many shards it has now."""
+        from delayq.layout import read_layout
+
+        return read_layout(self.client, self.keys)
 
     def renew(self, firing_ids: Sequence[str], lease_ms: int) -> int:
         """Extend the leases of claimed firings still being worked on (an external call
@@ -321,7 +365,7 @@ class TimerStore:
         never scheduled, so cancelling or adopting it finds nothing.)"""
         k = keys
         return {
-            "schedule": ([k.heads], [k.wake_channel]),
+            "schedule": schedule_call(k, []),
             "cancel": cancel_call(k, [probe_key]),
             "claim_due": claim_due_call(k, 0, 1),
             "claim_expired": claim_expired_call(k, [], 1),
@@ -346,19 +390,29 @@ def check_replicated(confirmed: int, wanted: int, timeout_ms: int) -> None:
         )
 
 
+def _layout_args(k: Keys) -> list[Any]:
+    """What a script needs to read the index's layout (lua/_prelude.lua read_layout)."""
+    return [k.shard_prefix, k.layout, k.shards]
+
+
 def schedule_call(k: Keys, timers: Sequence[Timer]) -> tuple[list[str], list[Any]]:
+    """schedule.lua's keys and arguments: four a timer (its key and index shard under the
+    default count, declared as keys; its due time, a delay marked '+'; its hash, for a
+    resized index: delayq.layout), the fewest Redis and Python handle."""
     keys = [k.heads]
-    args: list[Any] = [k.wake_channel]
+    args: list[Any] = [k.wake_channel, len(k.shard_prefix), k.layout, k.shards]
     for key, mode, value in timers:
-        keys += [key, k.shard(key)]
-        args += [mode, value, k.shard_id(key)]
+        h = key_hash(key)
+        keys += (key, f"{k.shard_prefix}{h % k.shards if k.shards > 1 else 0}")
+        args += (f"+{value}" if mode == "in" else value, h)
     return keys, args
 
 
 def with_shards(k: Keys, timer_keys: Iterable[str]) -> list[str | int]:
+    """Each timer key and its hash, from which scripts take its shard (delayq.layout)."""
     out: list[str | int] = []
     for key in timer_keys:
-        out += [key, k.shard_id(key)]
+        out += [key, key_hash(key)]
     return out
 
 
@@ -376,19 +430,19 @@ def _glob_escape(text: str) -> str:
 
 
 def cancel_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
-    keys = [k.heads, k.recent, k.claims_per_key]
-    for key in timer_keys:
-        keys += [key, k.shard(key)]
-    return keys, [k.shard_id(key) for key in timer_keys]
+    keys = [k.heads, k.recent, k.claims_per_key, *timer_keys, *_declared(k)]
+    return keys, [*_layout_args(k), *(key_hash(key) for key in timer_keys)]
 
 
 # -- listeners: claiming -------------------------------------------------------------
 
 
-def claim_due_call(k: Keys, limit: int, lease_ms: int) -> tuple[list[str], list[Any]]:
+def claim_due_call(
+    k: Keys, limit: int, lease_ms: int, ahead_ms: int = 0
+) -> tuple[list[str], list[Any]]:
     return (
         [k.heads, k.claims, k.claims_per_key, k.inflight, k.inflight_due, *_declared(k)],
-        [limit, lease_ms, k.shard_prefix],
+        [limit, lease_ms, k.shard_prefix, ahead_ms],
     )
 
 
@@ -397,7 +451,7 @@ def claim_expired_call(
 ) -> tuple[list[str], list[Any]]:
     return [k.heads, k.claims, k.claims_per_key, k.recent, *_declared(k)], [
         lease_ms,
-        k.shard_prefix,
+        *_layout_args(k),
         *with_shards(k, timer_keys),
     ]
 
@@ -435,13 +489,16 @@ def retry_later_call(
 def adopt_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
     return [k.heads, *_declared(k, timer_keys)], [
         k.wake_channel,
-        k.shard_prefix,
+        *_layout_args(k),
         *with_shards(k, timer_keys),
     ]
 
 
 def forget_call(k: Keys, timer_keys: Sequence[str]) -> tuple[list[str], list[Any]]:
-    return [k.heads, *_declared(k, timer_keys)], [k.shard_prefix, *with_shards(k, timer_keys)]
+    return [k.heads, *_declared(k, timer_keys)], [
+        *_layout_args(k),
+        *with_shards(k, timer_keys),
+    ]
 
 
 def release_call(k: Keys, firing_ids: Sequence[str]) -> tuple[list[str], list[Any]]:

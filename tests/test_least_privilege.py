@@ -165,7 +165,7 @@ def test_producer_user_schedules_and_cancels_but_may_not_claim_listen_or_touch_o
     assert acl_refusals(admin) <= {"client|setinfo"}
     assert lines == [
         "Redis user 'delayq-producer' has every permission a producer needs "
-        "(17 commands, 2 scripts probed)"
+        "(18 commands, 2 scripts probed)"
     ]
     # What only a listener may do is refused.
     scripts = Scripts.register(client)

@@ -28,7 +28,7 @@ def test_a_crashing_applier_stops_the_listener_with_an_error_and_loses_nothing(
 
     # No real fault reaches past the applier's error handling (that is its job), so the
     # bug is simulated: the one fake in this suite.
-    def buggy_apply(firings: list[Firing]) -> list[Outcome]:
+    def buggy_apply(firings: list[Firing], not_before: float = 0.0) -> list[Outcome]:
         raise RuntimeError("a bug")
 
     listener.applier.apply = buggy_apply  # type: ignore[method-assign]

@@ -284,6 +284,13 @@ BAD_ITEMS = [
     ("SNbad",),
     ("SNbad", "20m", "cancel", "extra"),
     "SNbad",
+    # The usual shape (str, timedelta, action) is checked by a shorter way: its limits.
+    ("x" * 65, timedelta(minutes=20)),
+    (12345, timedelta(minutes=20)),
+    ("SNbad", timedelta(seconds=-1)),
+    ("SNbad", timedelta(days=3700)),
+    ("SNbad", timedelta(minutes=20), "Cancel"),
+    ("SNbad", timedelta(minutes=20), 7),
 ]
 
 

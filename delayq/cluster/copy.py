@@ -58,6 +58,7 @@ from delayq.cluster.store import ClusterStore
 from delayq.cluster.url import is_cluster_url
 from delayq.errors import InvalidInput, NotReady, ServiceUnavailable
 from delayq.keys import Keys, firing_id, parse_firing_id
+from delayq.layout import read_layout
 from delayq.redis_conn import client_url, connect, keys_for
 from delayq.settings import Settings, mask_url
 from delayq.store import Timer, TimerStore, check_replicated, open_store
@@ -339,10 +340,16 @@ class TimerCopier:
 
     def _adopt(self, names: list[str]) -> None:
         expires = self._source_expire_times(names)
+        layout = read_layout(self.src, self.sk)
         pipe = self.src.pipeline(transaction=False)
-        for key in names:
-            pipe.zscore(self.sk.shard(key), key)
-        indexed = pipe.execute()
+        shards = [self.sk.shards_of(key, layout) for key in names]
+        for key, candidates in zip(names, shards, strict=True):
+            for shard in candidates:
+                pipe.zscore(shard, key)
+        replies = iter(pipe.execute())
+        indexed = [
+            next((d for d in [next(replies) for _ in c] if d is not None), None) for c in shards
+        ]
         legacy: list[tuple[str, int]] = []
         rearmed: list[tuple[str, int]] = []
         for key, expires_ms, due in zip(names, expires, indexed, strict=True):

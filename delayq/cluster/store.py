@@ -48,6 +48,7 @@ from delayq.cluster.slots import SLOTS, partition, slot_of
 from delayq.keys import Keys, parse_firing_id
 from delayq.redis_conn import Scripts
 from delayq.store import (
+    BULK_PIPELINE_DEPTH,
     REQUEUE_CHUNK,
     Claim,
     Firing,
@@ -247,11 +248,14 @@ class ClusterStore:
                 due[order[key]] = int(ms)
         return due
 
-    def schedule_bulk(self, chunks: Sequence[Sequence[Timer]]) -> None:
-        """Schedule many timers: one call per slot, pipelined per primary."""
-        groups = self._per_slot((t for chunk in chunks for t in chunk), lambda t: t[0])
-        calls = self._calls(self.scripts.schedule, groups, schedule_call)
-        self.router.run(calls, wait=bool(self.wait_replicas))
+    def schedule_bulk(self, chunks: Iterable[Sequence[Timer]]) -> None:
+        """Schedule many timers: for each BULK_PIPELINE_DEPTH chunks, one call per slot,
+        pipelined per primary."""
+        rounds = iter(chunks)
+        while batch := list(islice(rounds, BULK_PIPELINE_DEPTH)):
+            groups = self._per_slot((t for chunk in batch for t in chunk), lambda t: t[0])
+            calls = self._calls(self.scripts.schedule, groups, schedule_call)
+            self.router.run(calls, wait=bool(self.wait_replicas))
 
     def cancel(self, key: str) -> int:
         """As TimerStore.cancel."""
@@ -280,17 +284,20 @@ class ClusterStore:
         """Redis's clock (ms), estimated from this host's and the last claim's offset."""
         return int(time.time() * 1000 + self._clock_offset_ms)
 
-    def claim_due(self, limit: int, lease_ms: int) -> Claim:
-        """Claim up to about `limit` firings from the slots the view says are due."""
+    def claim_due(self, limit: int, lease_ms: int, ahead_ms: int = 0) -> Claim:
+        """Claim up to about `limit` firings from the slots the view says are due (or due
+        within `ahead_ms`: the caller holds those until they are due)."""
         self._refresh_in_background()
         now = self.now_ms()
-        slots = self.view.take_due(now, SLOTS_PER_ROUND)
+        slots = self.view.take_due(now + ahead_ms, SLOTS_PER_ROUND)
         if not slots:
             return Claim(float(now), self.view.earliest(), [])
         share = max(8, -(-limit // len(slots)))
         calls = [
             Call(
-                slot, self.scripts.claim_due, *claim_due_call(self.partition(slot), share, lease_ms)
+                slot,
+                self.scripts.claim_due,
+                *claim_due_call(self.partition(slot), share, lease_ms, ahead_ms),
             )
             for slot in slots
         ]

@@ -69,3 +69,52 @@ local function may_touch(key)
   if redis.acl_check_cmd == nil then return true end
   return redis.acl_check_cmd('DEL', key)
 end
+
+-- The due index's layout (delayq/layout.py): the shard count `n` that writes use, and
+-- the count `p` before its last resize. A timer's entry is in shard hash % n or, until a
+-- resize has moved it, hash % p. Read in the same script as the entry, so a resize that
+-- starts while a client runs is never missed. `key` is '' in a cluster partition (one
+-- shard per slot); `default` is the count when none is stored.
+local function read_layout(key, default)
+  local n = tonumber(default)
+  local p = n
+  if key == '' then return n, p end
+  local v = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  for i = 1, #v, 2 do
+    if v[i] == 'shards' then n = tonumber(v[i + 1]) end
+    if v[i] == 'previous' then p = tonumber(v[i + 1]) end
+  end
+  if p > n then p = n end
+  return n, p
+end
+
+-- The shard ids a timer's entry may be in (its hash given by the caller): where writes
+-- put it, and where it was before the last resize (the same id for most keys).
+local function shard_ids(hash, n, p)
+  local h = tonumber(hash)
+  local home, before = string.format('%d', h % n), string.format('%d', h % p)
+  if home == before then return {home} end
+  return {home, before}
+end
+
+-- The entry of `key` in any of its shards: its shard id and due time, or nil.
+local function find_entry(prefix, ids, key)
+  for _, id in ipairs(ids) do
+    local due = redis.call('ZSCORE', prefix .. id, key)
+    if due then return id, due end
+  end
+  return nil, nil
+end
+
+-- Remove `key`'s entry from the shards `ids` (keeping `heads` right); true if it had one.
+local function unindex(heads, prefix, ids, key)
+  local removed = false
+  for _, id in ipairs(ids) do
+    local shard = prefix .. id
+    if redis.call('ZREM', shard, key) == 1 then
+      refresh_head(heads, shard, id)
+      removed = true
+    end
+  end
+  return removed
+end

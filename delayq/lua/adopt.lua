@@ -2,21 +2,25 @@
 -- EXPIRE), named by 'expire' keyspace events or found by the sweep: index each at its
 -- expiry time, so it fires exactly and durably like any timer. Keys delayq scheduled
 -- itself are already indexed at that time and are left alone.
--- KEYS: heads. ARGV: wake channel, shard key prefix, then per key the key and its shard
--- number. Returns the number of keys (re)indexed.
+-- KEYS: heads. ARGV: wake channel, shard key prefix, layout key, default shard count,
+-- then per key the key and its hash. Returns the number of keys (re)indexed.
 local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local n, p = read_layout(ARGV[3], ARGV[4])
 local earliest = nil
-local n = 0
-for i = 3, #ARGV, 2 do
-  local key, shard_id = ARGV[i], ARGV[i + 1]
+local count = 0
+for i = 5, #ARGV, 2 do
+  local key = ARGV[i]
   local due = expire_time(key)
   if due and due > 0 then
-    local shard = ARGV[2] .. shard_id
-    local indexed = redis.call('ZSCORE', shard, key)
-    if not indexed or tonumber(indexed) ~= due then
+    local ids = shard_ids(ARGV[i + 1], n, p)
+    local at, indexed = find_entry(ARGV[2], ids, key)
+    if at ~= ids[1] or tonumber(indexed) ~= due then
+      -- Indexed where writes put it (a resize may not have moved it yet).
+      unindex(KEYS[1], ARGV[2], ids, key)
+      local shard = ARGV[2] .. ids[1]
       redis.call('ZADD', shard, due, key)
-      refresh_head(KEYS[1], shard, shard_id)
-      n = n + 1
+      refresh_head(KEYS[1], shard, ids[1])
+      count = count + 1
       if earliest == nil or due < earliest then earliest = due end
     end
   end
@@ -24,4 +28,4 @@ end
 if earliest ~= nil and (#head == 0 or earliest < tonumber(head[2])) then
   redis.call('PUBLISH', ARGV[1], earliest)
 end
-return n
+return count

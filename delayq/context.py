@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
@@ -13,9 +14,17 @@ from sqlalchemy.engine import Engine
 from delayq import db, migrate
 from delayq.actions import Actions, load_actions
 from delayq.actions.registry import check_actions
+from delayq.errors import InvalidInput
 from delayq.figures import redis_figures
 from delayq.introspect import timer_info
 from delayq.keys import Keys, timer_key
+from delayq.layout import (
+    index_figures,
+    listpack_entries,
+    read_layout,
+    reshard,
+    suggested_shards,
+)
 from delayq.listener import Listener
 from delayq.permissions import check_database, check_redis
 from delayq.producer import Producer
@@ -117,6 +126,7 @@ class Delayq:
                 return lines
             lines.append(check_notifications(self.redis, self.redis_url, configure=configure_redis))
             lines.append(check_persistence(self.redis))
+            lines.append(self._index_line())
         try:
             lines += check_database(self.engine, self.settings)
             lines += check_actions(self.actions, self.engine)
@@ -128,6 +138,8 @@ class Delayq:
         """Pending, due, in-flight and dead-lettered timers, and recent outcomes."""
         try:
             figures = redis_figures(self.redis, self.keys)
+            if not is_cluster(self.redis):
+                figures["index"] = index_figures(self.redis, self.keys, figures["pending"])
         except redis.RedisError as exc:
             raise unreachable(self.redis_url, exc) from None
         return {
@@ -135,6 +147,43 @@ class Delayq:
             "database": mask_url(self.settings.effective_database_url),
             **figures,
             "outcomes_last_hour": self._recent_outcomes(),
+        }
+
+    def _index_line(self) -> str:
+        """Whether the due index's shards still fit the compact encoding (delayq.layout)."""
+        pending = redis_figures(self.redis, self.keys, dead_limit=0)["pending"]
+        index = index_figures(self.redis, self.keys, pending)
+        if index["advice"]:
+            return f"warning: {index['advice']}"
+        return (
+            f"due index: {index['shards']:,} shards, {index['timers_per_shard']} timers a "
+            f"shard (compact up to {index['zset_max_listpack_entries']})"
+        )
+
+    def reshard(
+        self, shards: int | None, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
+        """Grow the due index to `shards` shards (default: what the pending timers need),
+        or finish a resize that stopped. {"before", "after", "pending"}: shard counts."""
+        if is_cluster(self.redis):
+            raise InvalidInput("a Redis Cluster keeps one index shard per slot: nothing to resize")
+        try:
+            before = read_layout(self.redis, self.keys)
+            pending = redis_figures(self.redis, self.keys, dead_limit=0)["pending"]
+            if shards is None:
+                shards = before.shards
+                if before.moved is None:
+                    wanted = listpack_entries(self.redis)
+                    shards = suggested_shards(before.shards, pending, wanted)
+                if shards == before.shards and before.moved is None:
+                    return {"before": before.shards, "after": before.shards, "pending": pending}
+            after = reshard(self.redis, self.keys, shards, progress=progress)
+        except redis.RedisError as exc:
+            raise unreachable(self.redis_url, exc) from None
+        return {
+            "before": before.previous if before.moved is not None else before.shards,
+            "after": after.shards,
+            "pending": pending,
         }
 
     def inspect(self, order_sn: str, action: str) -> dict[str, Any]:

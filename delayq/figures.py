@@ -77,7 +77,9 @@ def _pending(client: redis.Redis, keys: Keys) -> int:
     """The timers in the due index: count_pending.lua over COUNT_CHUNK shards a call, one
     call per round trip (other clients' commands run in between, which one call over all
     16,384 shards would not allow), or, where scripts are refused, a ZCARD per shard."""
-    names = _shard_keys(keys.shard_prefix, keys.shards)
+    from delayq.layout import read_layout
+
+    names = _shard_keys(keys.shard_prefix, read_layout(client, keys).shards)
     chunks = [names[i : i + COUNT_CHUNK] for i in range(0, len(names), COUNT_CHUNK)]
     try:
         return sum(int(run_read_only(client, "count_pending", [c])[0]) for c in chunks)

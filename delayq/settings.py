@@ -120,6 +120,10 @@ class Settings:
     batch_size: int = 1000
     #: Threads applying batches: while one waits for its commit, the next batch is built.
     appliers: int = 2
+    #: Claim a timer up to this many ms before it is due and hold it until then, so the
+    #: Redis round trip and the hand-off to an applier are done when it falls due (never
+    #: applied early). A cancel in that window finds the firing under way.
+    claim_ahead_ms: int = 5
     #: How long a listener owns a claimed timer before another listener may take it over.
     lease_s: float = 60.0
     #: Failed attempts (database down, action error) before a timer is dead-lettered.
@@ -248,6 +252,8 @@ class Settings:
             raise InvalidInput("DELAYQ_SWEEP_KEYS_PER_S: must be between 100 and 10000000")
         if not 1 <= self.appliers <= 16:
             raise InvalidInput("DELAYQ_APPLIERS: must be between 1 and 16")
+        if not 0 <= self.claim_ahead_ms <= 1000:
+            raise InvalidInput("DELAYQ_CLAIM_AHEAD_MS: must be between 0 and 1000")
         if self.lease_s < 1:
             raise InvalidInput("DELAYQ_LEASE_S: must be at least 1 second")
         if self.max_attempts < 1:

@@ -13,6 +13,8 @@ _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 Delay = float | int | timedelta | str
+#: The longest delay accepted: ten years.
+MAX_DELAY_S = 10 * 366 * 86400
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -52,7 +54,7 @@ def parse_delay_ms(delay: Delay) -> int:
         seconds = _parse_duration_string(delay)
     else:
         raise InvalidInput(f"invalid duration {delay!r}")
-    if seconds != seconds or seconds < 0 or seconds > 10 * 366 * 86400:  # NaN, negative, >10y
+    if not 0 <= seconds <= MAX_DELAY_S:  # NaN, negative, >10y
         raise InvalidInput(f"invalid duration {delay!r}: must be between 0 and 10 years")
     return round(seconds * 1000)
 

@@ -76,6 +76,7 @@ BAD_INPUT = [
     pytest.param(["cancel", "SN*1"], "invalid order id", id="glob-in-cancelled-order-id"),
     pytest.param(["retry-dead", "SN?"], "invalid order id", id="glob-in-retried-order-id"),
     pytest.param(["schedule", "SN1", "--in", "5x"], "invalid duration", id="bad-duration"),
+    pytest.param(["reshard", "--shards", "20000"], "power of two", id="reshard-not-a-power-of-2"),
     pytest.param(["schedule", "SN1", "--in", "1h 30m"], "invalid duration", id="spaced-duration"),
     pytest.param(["schedule", "SN1", "--in=-1"], "invalid duration", id="negative-duration"),
     pytest.param(

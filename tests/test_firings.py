@@ -46,7 +46,7 @@ def _at(seconds: float) -> datetime:
 
 
 def _queued(listener: Listener) -> list[Firing]:
-    return list(listener.queue.queue)
+    return listener.queue.items()
 
 
 def test_a_timer_rescheduled_while_its_firing_is_applied_fires_again_and_is_never_lost(
@@ -117,15 +117,15 @@ def test_a_firing_claimed_as_sigterm_arrives_is_applied_or_given_back_never_held
     dq.producer.schedule("SN1", at=_at(-1))
     claim = listener.store.claim_due
 
-    def claim_as_sigterm_arrives(limit: int, lease_ms: int) -> Claim:
+    def claim_as_sigterm_arrives(limit: int, lease_ms: int, ahead_ms: int = 0) -> Claim:
         # SIGTERM lands while the claimer is inside its claim: the appliers may already
         # have found the queue empty and returned when the firing is queued.
         listener.stop()
-        return claim(limit, lease_ms)
+        return claim(limit, lease_ms, ahead_ms)
 
     listener.store.claim_due = claim_as_sigterm_arrives  # type: ignore[method-assign]
     listener.run()
-    assert listener.queue.empty()
+    assert not listener.queue.qsize()
     if not outcome_rows(dq.engine):
         (again,) = dq.listener().claim_due().firings
         assert again.key == "SN1:cancel" and again.reclaimed, "given back at once"

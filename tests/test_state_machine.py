@@ -6,8 +6,9 @@ interleaving: schedule, reschedule earlier / later / into the past, cancel; time
 and deleted by a producer that does not use delayq, and their keyspace events delivered
 late, twice or never; claims by two listeners; apply and acknowledge, commit then crash
 before the acknowledgement, fail and retry, dead letters, retry-dead, deleting dead letters,
-hand-backs, crashes holding claims, leases running out, and Redis killed and restarted from
-its AOF.
+hand-backs, crashes holding claims, leases running out, Redis killed and restarted from
+its AOF, and the due index resized (`delayq reshard`) a few shards at a time, stopped and
+resumed, between any of these.
 
 After every step it compares Redis with a plain-Python model (claims and their leases,
 the due index, TTL keys, dead letters, attempts) and checks:
@@ -54,6 +55,7 @@ from delayq import browse
 from delayq.actions import Applier
 from delayq.context import Delayq
 from delayq.keys import Keys, firing_id, parse_firing_id
+from delayq.layout import read_layout, reshard
 from delayq.listener import RECENT_WINDOW_MS, Listener
 from delayq.redis_conn import Scripts
 from delayq.settings import Settings
@@ -81,6 +83,10 @@ DELAYQ_KEYS = ("A1:cancel", "A1:complete", "B2:cancel")
 LEGACY_KEYS = ("L1:cancel", "L2:1")
 ALL_KEYS = DELAYQ_KEYS + LEGACY_KEYS
 ORDERS = ("A1", "B2", "L1", "L2")
+
+#: The due index's shard count before any resize (few, so that a resize is a few steps),
+#: and the largest a resize step grows it to.
+SHARDS, MAX_SHARDS = 2, 64
 
 #: Steps explored, over every run of the machine in this session (the closing note).
 STEPS: Counter[str] = Counter()
@@ -138,13 +144,16 @@ class Real:
             retry_backoff_s=BACKOFF_MS / 1000,
             retry_backoff_max_s=BACKOFF_MAX_MS / 1000,
             flag_actions="1=cancel",
+            # The model's clock is not the host's: claims are exactly "due <= now" here
+            # (claiming ahead and holding until due: tests/test_due_queue.py).
+            claim_ahead_ms=0,
         )
         self.dq = Delayq(self.settings)
         self.dq.migrate()
         self.engine = self.dq.engine
         create_orders(self.engine, ORDERS)
         self.client = server.client()
-        self.keys = Keys()
+        self.keys = Keys(shards=SHARDS)
 
     def reset(self, now_ms: int) -> None:
         self.client.flushall()
@@ -171,12 +180,20 @@ class Real:
         """The due index, checking that `heads` names each non-empty shard's earliest."""
         k = self.keys
         heads = dict(self.client.zrange(k.heads, 0, -1, withscores=True))
-        shards = set(self.client.scan_iter(match=f"{k.shard_prefix}*", count=1000))
+        shards = set(self.client.scan_iter(match=f"{k.shard_prefix}*", count=1000)) - {k.layout}
         assert shards == {f"{k.shard_prefix}{s}" for s in heads}, "heads names every shard"
+        layout = read_layout(self.client, k)
         out: dict[str, int] = {}
         for shard_id, head in heads.items():
-            entries = self.client.zrange(f"{k.shard_prefix}{shard_id}", 0, -1, withscores=True)
+            shard = f"{k.shard_prefix}{shard_id}"
+            entries = self.client.zrange(shard, 0, -1, withscores=True)
             assert entries and entries[0][1] == head, f"head of shard {shard_id} is its earliest"
+            for m, _ in entries:
+                assert m not in out, f"{m} indexed twice"
+                # Where cancel looks: its shard, or its shard before a resize moved it.
+                assert shard in k.shards_of(m, layout), f"{m} in shard {shard_id}"
+                if layout.moved is None:
+                    assert shard == k.shards_of(m, layout)[0], f"{m} left behind by a resize"
             out.update({m: int(s) for m, s in entries})
         return out
 
@@ -230,16 +247,13 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
 
         def _take(self, who: int, n: int) -> list[Firing]:
             q = self.listeners[who].queue
-            batch: list[Firing] = []
-            while len(batch) < n and not q.empty():
-                batch.append(q.get_nowait())
-            return batch
+            return [f for f in q.take(n, timeout_s=0)[0] if isinstance(f, Firing)]
 
         def _holding(self) -> list[int]:
-            return [who for who, lst in enumerate(self.listeners) if not lst.queue.empty()]
+            return [who for who, lst in enumerate(self.listeners) if lst.queue.qsize()]
 
         def _memory(self, who: int) -> list[Firing]:
-            return list(self.listeners[who].queue.queue)
+            return [f for f in self.listeners[who].queue.items() if isinstance(f, Firing)]
 
         # -- producers -------------------------------------------------------------------
 
@@ -404,7 +418,7 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
             self._acked(batch)
 
         def _settle_all(self, who: int) -> None:
-            while not self.listeners[who].queue.empty():
+            while self.listeners[who].queue.qsize():
                 batch = self._take(who, 1000)
                 self.listeners[who].apply_batch(batch)
                 self._applied(batch)
@@ -495,6 +509,27 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
         def advance(self, ms: int) -> None:
             self.model.now += ms
             real.client.set(CLOCK_KEY, self.model.now * 1000)
+
+        @precondition(lambda self: read_layout(real.client, real.keys).shards < MAX_SHARDS)
+        @rule(factor=st.sampled_from([2, 4]), stop_after=st.integers(0, 4))
+        def resize(self, factor: int, stop_after: int) -> None:
+            """`delayq reshard`: starts a resize (or resumes one that stopped) and stops
+            after `stop_after` shards moved (0: as soon as the new count is recorded), as a
+            crash would; the next resize step goes on. It changes no timer: the model stays
+            as it is."""
+            layout = read_layout(real.client, real.keys)
+            target = layout.shards if layout.moved is not None else layout.shards * factor
+            moved: list[int] = []
+
+            def progress(done: int, total: int) -> None:
+                moved.append(done)
+                if len(moved) > stop_after and done < total:
+                    raise _Stopped
+
+            try:
+                reshard(real.client, real.keys, target, progress=progress)
+            except _Stopped:
+                assert read_layout(real.client, real.keys).moved == moved[-1]
 
         @precondition(lambda self: self.restarts < 2)
         @rule()
@@ -606,6 +641,10 @@ def machine_for(real: Real) -> type[RuleBasedStateMachine]:
                     assert due in m.scheduled.get(key, set()), f"{key} fired for a made-up {due}"
 
     return TimerMachine
+
+
+class _Stopped(Exception):
+    """A resize stopped part way (what a crash or ^C does)."""
 
 
 def _run(real: Real, max_examples: int, steps: int) -> None:

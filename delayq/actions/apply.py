@@ -43,6 +43,7 @@ from delayq.actions.core import (
 )
 from delayq.actions.registry import Actions, ActionSpec, load_actions
 from delayq.db import is_transient, outcomes
+from delayq.due_queue import sleep_until
 from delayq.settings import Settings
 from delayq.store import Firing
 from delayq.timing import ACTION_RE, ORDER_SN_RE
@@ -92,27 +93,35 @@ class Applier:
             return key[:64], "?"
         return order_sn, self.flags.get(flag, flag)
 
-    def apply(self, items: Sequence[Item]) -> list[Outcome]:
+    def apply(self, items: Sequence[Item], not_before: float = 0.0) -> list[Outcome]:
         """Apply `items` in one transaction; returns one outcome per firing (FAILED for a
         firing whose handler raised: nothing of it is committed). Raises the database's
-        exception if the transaction fails (nothing is then applied)."""
+        exception if the transaction fails (nothing is then applied). The transaction is
+        opened at once, and waits for the monotonic instant `not_before` (firings claimed
+        ahead of their due time) before anything is applied."""
         # A firing claimed twice by this listener (its lease ran out while it was queued)
         # is applied once.
         unique = {firing_of(i).id: i for i in items}.values()
         jobs = [Job(i, *self.parse_key(firing_of(i).key)) for i in unique]
         try:
-            return self._apply(jobs, check_all=False)
+            return self._apply(jobs, check_all=False, not_before=not_before)
         except sa.exc.IntegrityError:
             # A fresh claim whose outcome exists after all: the same timer was scheduled
             # again for a due time that has already fired. Look every firing up.
             return self._apply(jobs, check_all=True)
 
     def _apply(
-        self, jobs: list[Job], *, check_all: bool, decided: dict[str, Outcome] | None = None
+        self,
+        jobs: list[Job],
+        *,
+        check_all: bool,
+        decided: dict[str, Outcome] | None = None,
+        not_before: float = 0.0,
     ) -> list[Outcome]:
         try:
             with self.engine.begin() as conn:
                 recorded = self._recorded(conn, jobs, check_all=check_all)
+                sleep_until(not_before)
                 fired_at = self.clock()
                 todo = [j for j in jobs if _identity(j) not in recorded]
                 results = self._results(conn, todo, fired_at, decided)

@@ -6,12 +6,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
 from delayq.store import Firing
-from delayq.timing import from_ms
 
 APPLIED = "applied"
 SKIPPED = "skipped"
@@ -90,7 +90,7 @@ def context_for(
     return Context(
         order_sn=order_sn,
         action=action,
-        due_at=from_ms(firing.due_ms),
+        due_at=firing.due_at,
         fired_at=fired_at.replace(tzinfo=UTC),
         attempt=firing.attempt,
         idempotency_key=firing.id,
@@ -113,7 +113,7 @@ class Outcome:
     #: What the handler raised: FAILED, or Skip for a skip.
     error: BaseException | None = None
 
-    @property
+    @cached_property
     def lateness_ms(self) -> float:
         return (self.fired_at - naive_due_at(self.firing)).total_seconds() * 1000
 
@@ -144,7 +144,7 @@ class Done:
 
 def naive_due_at(firing: Firing) -> datetime:
     """A firing's due time as the outcomes table holds it (naive UTC)."""
-    return from_ms(firing.due_ms).replace(tzinfo=None)
+    return firing.naive_due_at
 
 
 def utcnow() -> datetime:

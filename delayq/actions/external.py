@@ -36,6 +36,7 @@ from delayq.actions.core import (
     utcnow,
 )
 from delayq.actions.registry import Actions, ActionSpec
+from delayq.due_queue import sleep_until
 from delayq.store import Firing
 
 log = logging.getLogger("delayq.actions")
@@ -142,6 +143,7 @@ class ExternalRunner:
         """Make the call of one firing and hand its outcome on."""
         assert spec.policy is not None
         order_sn, action = self.parse_key(firing.key)
+        sleep_until(firing.ready)  # claimed ahead of its due time: never called early
         if firing.reclaimed:
             try:
                 done_before = firing.id in self.recorded([firing])

@@ -3,7 +3,8 @@
 -- leaves the due index for the claims set with a lease; it leaves Redis only when its
 -- outcome is committed (ack) or it is given up on (dead letters).
 -- KEYS: heads, claims, claims per key, pre-0.2 in-flight set, pre-0.2 in-flight due hash.
--- ARGV: limit, lease ms, shard key prefix.
+-- ARGV: limit, lease ms, shard key prefix, how many ms ahead of their due time timers
+-- may be claimed (the listener holds such a firing until it is due: delayq/due_queue.py).
 -- Returns {now in microseconds, next wake-up ms or -1, n, id1, id2, ...}: the first n
 -- firings were claimed before, so their outcome may be committed already.
 local us = now_us()
@@ -30,12 +31,13 @@ if room > 0 then
 end
 out[3] = #out - 3
 room = limit - out[3]
--- Due means due <= now in whole ms of Redis's clock: never before the due time.
-local shards = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, room)
+-- Due means due <= now in whole ms of Redis's clock, or within the claim-ahead window.
+local horizon = now + (tonumber(ARGV[4]) or 0)
+local shards = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon, 'LIMIT', 0, room)
 for _, shard_id in ipairs(shards) do
   if room <= 0 then break end
   local shard = ARGV[3] .. shard_id
-  local due = redis.call('ZRANGEBYSCORE', shard, '-inf', now, 'WITHSCORES', 'LIMIT', 0, room)
+  local due = redis.call('ZRANGEBYSCORE', shard, '-inf', horizon, 'WITHSCORES', 'LIMIT', 0, room)
   for i = 1, #due, 2 do
     local key, score = due[i], tonumber(due[i + 1])
     redis.call('ZREM', shard, key)

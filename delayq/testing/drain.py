@@ -50,6 +50,8 @@ class Drain(Listener):
         self.db_outage = _Failure(self.db_outage.server, self.db_outage.what)
         self.redis_outage = _Failure(self.redis_outage.server, self.redis_outage.what)
         self._outcomes: list[Outcome] = []
+        # Fires what is due now, applied at once: nothing is claimed ahead to wait for.
+        self.claim_ahead_ms = 0
 
     def drain(self) -> list[Outcome]:
         """Claim what is due, apply it and acknowledge it, round after round, until nothing
@@ -110,10 +112,7 @@ class Drain(Listener):
         return self.actions.get(action) if self.externals.takes(action) else None
 
     def _queued(self) -> list[Item]:
-        items: list[Item] = []
-        while not self.queue.empty():
-            items.append(self.queue.get_nowait())
-        return items
+        return self.queue.drain()
 
     def _raise_failure(self) -> None:
         for outage, what in (

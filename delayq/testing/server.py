@@ -35,6 +35,7 @@ from delayq.context import Delayq
 from delayq.errors import DelayqError
 from delayq.introspect import PendingTimer
 from delayq.keys import firing_id
+from delayq.layout import read_layout
 from delayq.producer import Producer
 from delayq.settings import ENV_PREFIX, Settings
 from delayq.store import schedule_call
@@ -316,12 +317,21 @@ class TimerTestServer:
         was read with: a timer cancelled or moved meanwhile is left as it is. Returns
         {timer key: (due before, due now)}."""
         k = self.delayq.keys
-        shards = sorted({k.shard(key) for key, _ in timers})
         with self.redis.pipeline(transaction=True) as pipe:
             for _ in range(_WATCH_ATTEMPTS):
                 try:
+                    # The layout too: a resize that starts moves entries between shards.
+                    pipe.watch(k.layout)  # type: ignore[no-untyped-call]
+                    layout = read_layout(pipe, k)
+                    candidates = [(key, k.shards_of(key, layout)) for key, _ in timers]
+                    shards = sorted({s for _, names in candidates for s in names})
                     pipe.watch(*shards)  # type: ignore[no-untyped-call]
-                    scores = [pipe.zscore(k.shard(key), key) for key, _ in timers]
+                    scores = [
+                        next(
+                            (s for s in (pipe.zscore(n, key) for n in names) if s is not None), None
+                        )
+                        for key, names in candidates
+                    ]
                     still = [
                         (key, due)
                         for (key, due), score in zip(timers, scores, strict=True)

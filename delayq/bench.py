@@ -47,18 +47,26 @@ from delayq.bench_cluster import (
     server_version,
     subscribed,
 )
+from delayq.bench_profile import describe, py_spy, sampling, summarize
 from delayq.cluster.url import is_cluster_url
 from delayq.db import make_engine, outcomes
 from delayq.embedded import redis_server_binary
 from delayq.errors import InvalidInput, ServiceUnavailable
 from delayq.keys import Keys, timer_key
+from delayq.layout import check_shape, read_layout, reshard
 from delayq.producer import Producer
 from delayq.settings import Settings, mask_url
 from delayq.store import Firing
 from delayq.timing import from_ms
 
-#: Seconds between scheduling the measured timers and the first of them falling due.
+#: Seconds between the start of the measured window and the first timer falling due.
 LEAD_S = 3.0
+#: A rate run schedules its timers as a producer keeping pace with them would: the timers
+#: due in each PACE_CHUNK_S, PACE_LEAD_S before they fall due (a burst is scheduled at
+#: once). So the listener meets scheduling's load (and the keyspace events it makes) at
+#: the rate of the run, not as one flood of the whole run's timers at the start.
+PACE_CHUNK_S = 0.1
+PACE_LEAD_S = 1.0
 PRELOAD_CHUNK = 20_000
 
 
@@ -82,6 +90,10 @@ class BenchConfig:
     appliers: int | None = None
     #: Start a scratch Redis Cluster of this many primaries (0: one redis-server).
     cluster: int = 0
+    #: Sample the listener with py-spy during the measured window, stacks to this file.
+    profile: str | None = None
+    #: Grow the due index to this many shards (`delayq reshard`) before the pre-load.
+    shards: int | None = None
 
     @property
     def measured(self) -> int:
@@ -100,6 +112,12 @@ class BenchConfig:
             raise InvalidInput("--naive subscribes to one server: it does not run on a cluster")
         if self.naive and self.action != "cancel":
             raise InvalidInput("--naive runs the built-in cancel only: drop --action or --naive")
+        if self.profile:
+            py_spy()  # one clear line before anything starts, when it is missing
+        if self.shards is not None:
+            if self.cluster or is_cluster_url(self.redis_url):
+                raise InvalidInput("--shards: a cluster keeps one index shard per slot")
+            check_shape(self.shards)
 
 
 @dataclass
@@ -124,6 +142,12 @@ class RunResult:
     effects: int
     #: On a cluster: each primary's commands and memory, and their shares.
     primaries: list[dict[str, Any]] = field(default_factory=list)
+    #: With --profile: where the listener's CPU went (delayq.bench_profile.summarize).
+    profile: dict[str, Any] = field(default_factory=dict)
+    #: What the listener logged (it runs at --log-level warning): how many lines, and
+    #: the first few. A clean run logs nothing.
+    listener_log_lines: int = 0
+    listener_log_head: list[str] = field(default_factory=list)
     samples: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
 
@@ -267,6 +291,8 @@ class Run:
         self.keys = Keys()
         self.engine = make_engine(self.settings)
         self.scheduling_s = 0.0  # time spent in schedule_many (or SET for naive)
+        self.pacer: threading.Thread | None = None
+        self.pacer_error: BaseException | None = None
         self.orders = [f"BENCH{i:024d}" for i in range(cfg.measured)]  # 29-char timer keys
 
     def prepare(self) -> float:
@@ -277,6 +303,13 @@ class Run:
         with self.engine.begin() as conn:
             self.scenario.prepare(conn, self.orders)
         self.progress.remove_task(task)
+        if (
+            self.cfg.shards is not None
+            and self.cfg.shards > read_layout(self.client, self.keys).shards
+        ):
+            # Before the pre-load, while the index is empty: a resize then moves nothing,
+            # and the run measures the layout, not a resize.
+            reshard(self.client, self.keys, self.cfg.shards)
         before = info_sum(self.client, "memory", "used_memory")
         task = self.progress.add_task(
             f"pre-loading {self.cfg.pending:,} pending", total=self.cfg.pending
@@ -307,26 +340,55 @@ class Run:
             pipe.execute()
 
     def schedule_measured(self) -> dict[str, int]:
-        """Schedule the measured timers; returns order -> due ms (Redis clock)."""
+        """Schedule the measured timers (a rate run's in a thread that keeps pace with
+        them: `join_pacer`); returns order -> due ms (Redis clock)."""
         sec, usec = self.client.time()
-        t0 = sec * 1000 + usec // 1000 + int(LEAD_S * 1000)
+        now_ms = sec * 1000 + usec // 1000
+        t0 = now_ms + int(LEAD_S * 1000)
         if self.cfg.burst:
             due = dict.fromkeys(self.orders, t0)
-        else:
-            step = 1000 / self.cfg.rate
-            due = {sn: t0 + int(i * step) for i, sn in enumerate(self.orders)}
+            self._send(list(due.items()))
+            return due
+        step = 1000 / self.cfg.rate
+        due = {sn: t0 + int(i * step) for i, sn in enumerate(self.orders)}
+        chunk_ms, lead_ms = int(PACE_CHUNK_S * 1000), int(PACE_LEAD_S * 1000)
+        chunks: dict[int, list[tuple[str, int]]] = {}
+        for sn, ms in due.items():
+            chunks.setdefault((ms - t0) // chunk_ms, []).append((sn, ms))
+        # Sent by this host's clock, kept in step with Redis's.
+        offset_ms = now_ms - time.time() * 1000
+        plan = [(t0 + n * chunk_ms - lead_ms - offset_ms, items) for n, items in chunks.items()]
+        self.pacer = threading.Thread(target=self._pace, args=(plan,), daemon=True)
+        self.pacer.start()
+        return due
+
+    def _pace(self, plan: list[tuple[float, list[tuple[str, int]]]]) -> None:
+        try:
+            for send_at_ms, items in plan:
+                time.sleep(max(0.0, send_at_ms / 1000 - time.time()))
+                self._send(items)
+        except BaseException as exc:  # reported by join_pacer, in the bench's thread
+            self.pacer_error = exc
+
+    def join_pacer(self) -> None:
+        """Wait for a rate run's scheduling to finish; raise what stopped it."""
+        if self.pacer is not None:
+            self.pacer.join(timeout=self.cfg.duration_s + LEAD_S + 60)
+        if self.pacer_error is not None:
+            raise self.pacer_error
+
+    def _send(self, items: list[tuple[str, int]]) -> None:
         started = time.perf_counter()
         if self.mode == "delayq":
             Producer(self.client, self.keys).schedule_many(
-                (sn, from_ms(ms), self.action) for sn, ms in due.items()
+                (sn, from_ms(ms), self.action) for sn, ms in items
             )
         else:
             pipe = self.client.pipeline(transaction=False)
-            for sn, ms in due.items():
+            for sn, ms in items:
                 pipe.set(timer_key(sn, self.action), 1, pxat=ms)
             pipe.execute()
         self.scheduling_s += time.perf_counter() - started
-        return due
 
     def fired_count(self) -> int:
         with self.engine.connect() as conn:
@@ -455,23 +517,32 @@ def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> 
             shares = PrimaryShares(run.client) if is_cluster_url(redis_url) else None
             cpu0 = _cpu_s(proc.pid) if proc else 0.0
             wall0 = time.monotonic()
-            due = run.schedule_measured()
-            naive = NaiveListener(run.settings, due) if mode == "naive" else None
-            with naive or contextlib.nullcontext():
-                task = progress.add_task(f"{mode}: firing {len(due):,}", total=len(due))
-                last_due_s = (max(due.values()) - min(due.values())) / 1000 + LEAD_S
-                deadline = time.monotonic() + last_due_s + cfg.drain_timeout_s
-                fired = 0
-                while fired < len(due) and time.monotonic() < deadline:
-                    time.sleep(0.25)
-                    fired = run.fired_count()
-                    progress.update(task, completed=fired)
-            drain_end = time.monotonic()
+            profiled = Path(cfg.profile) if cfg.profile and proc else None
+            sampler = sampling(proc.pid, profiled) if proc and profiled else None
+            with sampler or contextlib.nullcontext():
+                due = run.schedule_measured()
+                naive = NaiveListener(run.settings, due) if mode == "naive" else None
+                with naive or contextlib.nullcontext():
+                    task = progress.add_task(f"{mode}: firing {len(due):,}", total=len(due))
+                    last_due_s = (max(due.values()) - min(due.values())) / 1000 + LEAD_S
+                    deadline = time.monotonic() + last_due_s + cfg.drain_timeout_s
+                    fired = 0
+                    while fired < len(due) and time.monotonic() < deadline:
+                        if run.pacer_error is not None:
+                            break
+                        time.sleep(0.25)
+                        fired = run.fired_count()
+                        progress.update(task, completed=fired)
+                    run.join_pacer()
+                drain_end = time.monotonic()
             cpu = (_cpu_s(proc.pid) - cpu0) / (drain_end - wall0) * 100 if proc else 0.0
             primaries = shares.report() if shares else []
         with run.engine.connect() as conn:
             effects = scenario.effects(conn)
         samples, distinct, duplicates, early = run.collect(due)
+        log_path = workdir / "listener.log"
+        logged = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+        log_path.unlink(missing_ok=True)  # the next run's listener starts a log of its own
         late = [s[1] for s in samples]
         first_due = LEAD_S
         span = max(0.001, drain_end - wall0 - first_due)
@@ -494,6 +565,9 @@ def run_once(cfg: BenchConfig, mode: str, progress: Progress, workdir: Path) -> 
             listener_cpu_pct=round(cpu, 1),
             effects=effects,
             primaries=primaries,
+            profile=summarize(profiled) if profiled else {},
+            listener_log_lines=len(logged),
+            listener_log_head=[line[:300] for line in logged[:5]],
             samples=samples,
         )
 
@@ -535,6 +609,13 @@ def run_bench(
     }
     for r in results:
         out(_summary(r))
+        if r.listener_log_lines:
+            out(f"the listener logged {r.listener_log_lines} lines, first:")
+            for line in r.listener_log_head:
+                out(f"  {line}")
+        if r.profile:
+            for line in describe(r.profile):
+                out(line)
     if cfg.naive and results[1].lateness_ms and results[0].lateness_ms:
         ratio = results[1].lateness_ms["p99"] / max(results[0].lateness_ms["p99"], 0.01)
         report["naive_p99_ratio"] = round(ratio, 1)

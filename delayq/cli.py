@@ -344,6 +344,18 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                     f"overdue {p['overdue']}, in flight {p['in_flight']}, "
                     f"dead-lettered {p['dead_lettered']}, used memory {p['used_memory']}"
                 )
+        elif name == "index":  # one Redis: the due index's shards (delayq.layout)
+            print(
+                f"due index: {value['shards']:,} shards, {value['timers_per_shard']} timers "
+                "a shard"
+                + (
+                    f", resize under way ({value['resize_moved']} moved)"
+                    if value["resize_moved"]
+                    else ""
+                )
+            )
+            if value["advice"]:
+                print(f"warning: {value['advice']}")
         elif name == "outcomes_last_hour":
             print(
                 "outcomes (last hour): "
@@ -351,6 +363,44 @@ def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             )
         else:
             print(f"{name.replace('_', ' ')}: {value}")
+
+
+@app.command()
+def reshard(
+    ctx: typer.Context,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help="The new shard count: a power of two, a multiple of the current one "
+            "(default: enough for the timers pending now to stay compact)."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Grow the due index's shard count so that its shards stay in Redis's compact
+    encoding (one Redis; a cluster needs none). Safe while listeners and producers run,
+    and resumable: run it again after an interruption. Every producer and listener must
+    run delayq 0.3 or later first: 0.2 always writes 16,384 shards (docs/cli.md)."""
+
+    from delayq.layout import check_shape
+
+    if shards is not None:
+        check_shape(shards)  # refused before connecting
+
+    def progress(moved: int, total: int) -> None:
+        if not as_json and (moved % 1024 == 0 or moved == total):
+            _print_stderr(f"moved {moved:,} of {total:,} shards")
+
+    result = _dq(ctx).reshard(shards, progress)
+    if as_json:
+        _print_json(result)
+    elif result["after"] == result["before"]:
+        print(
+            f"the due index keeps its {result['after']:,} shards: enough for "
+            f"{result['pending']:,} pending timers"
+        )
+    else:
+        print(f"the due index has {result['after']:,} shards (was {result['before']:,})")
 
 
 @app.command()
@@ -503,6 +553,13 @@ def bench(
     cluster: Annotated[
         int, typer.Option(help="Instead: a temporary Redis Cluster of this many primaries.")
     ] = 0,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help="Grow the due index to this many shards (delayq reshard) before the "
+            "pre-load; 131072 keeps 10,000,000 pending compact."
+        ),
+    ] = None,
     naive: Annotated[bool, typer.Option(help="Also run keyspace events alone.")] = False,
     legacy: Annotated[
         bool,
@@ -530,6 +587,13 @@ def bench(
         ),
     ] = False,
     plot: Annotated[Path | None, typer.Option(help="Draw the lateness here (PNG).")] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="Sample the listener with py-spy during the measured window; write the "
+            "stacks here (raw format) and print where the CPU went."
+        ),
+    ] = None,
 ) -> None:
     """Measure lateness and throughput with the real listener; see BENCHMARKS.md."""
     from delayq.bench import BenchConfig, run_bench
@@ -548,6 +612,8 @@ def bench(
         appliers=appliers,
         action=action,
         cluster=cluster,
+        shards=shards,
+        profile=str(profile) if profile else None,
     )
     if as_json:
         report = run_bench(cfg, json_path=json_file, plot_path=plot, out=_print_stderr)

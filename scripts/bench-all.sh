@@ -21,3 +21,4 @@ bench handler-burst-20k-mariadb --pending 1000000 --burst 20000 --action handler
 bench webhook-1m-pending-mariadb --pending 1000000 --rate 1000 --duration 30 --action webhook --database-url "$MARIADB"
 bench webhook-500-1m-pending-mariadb --pending 1000000 --rate 500 --duration 30 --action webhook --database-url "$MARIADB"
 bench webhook-burst-20k-mariadb --pending 1000000 --burst 20000 --action webhook --database-url "$MARIADB"
+.venv/bin/python benchmarks/import_time.py --json-file "$out/import-time.json"

@@ -11,12 +11,15 @@ from typing import Any
 import pymysql
 import pytest
 
+from delayq.bench_profile import summarize
+from delayq.errors import InvalidInput
 from tests.harness import clean_env, run_cli
 
 RUN_FIELDS = {
     "mode", "action", "scheduled", "fired", "lost", "duplicates", "early", "lateness_ms",
     "throughput_per_s", "drain_s", "schedule_per_s", "redis_bytes_per_pending",
     "redis_peak_mb", "redis_version", "listener_cpu_pct", "effects", "primaries",
+    "listener_log_lines", "listener_log_head", "profile",
 }  # fmt: skip
 
 
@@ -138,3 +141,50 @@ def test_bench_refuses_a_workload_it_cannot_run_in_one_line(
     assert done.returncode == 2
     assert done.stderr.startswith("delayq: error:") and "Traceback" not in done.stderr
     assert said in done.stderr
+
+
+def test_bench_profile_samples_the_listener_during_the_run_and_says_where_its_time_went(
+    tmp_path: Path,
+) -> None:
+    """--profile: py-spy attaches to the real `delayq listen` for the measured window and the
+    report says, by thread and by library, where the listener's CPU went."""
+    raw = tmp_path / "listener.raw"
+    report = _bench(
+        tmp_path, "--pending", "0", "--rate", "300", "--duration", "2", "--profile", str(raw)
+    )
+    (run,) = report["runs"]
+    assert (run["fired"], run["lost"], run["duplicates"], run["early"]) == (600, 0, 0, 0)
+    profile = run["profile"]
+    assert profile["samples"] > 0 and profile["rate_hz"] == 250
+    # The listener's own threads did the work, and its shares add up to the whole.
+    assert any(t.startswith("delayq-") for t in profile["threads_pct"])
+    assert 99 <= sum(profile["threads_pct"].values()) <= 101
+    assert "delayq" in profile["where_pct"] or "sqlalchemy" in profile["where_pct"]
+    assert raw.read_text().strip(), "py-spy's raw stacks are kept for a flame graph"
+    # The listener runs at --log-level warning: a clean run logs only that the bench's
+    # scratch Redis keeps nothing on disk.
+    assert run["listener_log_lines"] == 1
+    assert "keeps nothing on disk" in run["listener_log_head"][0]
+
+
+def test_profile_summary_counts_samples_by_thread_library_and_the_delayq_caller(
+    tmp_path: Path,
+) -> None:
+    raw = tmp_path / "p.raw"
+    raw.write_text(
+        "thread (0x1): delayq-applier-0;apply (delayq/actions/apply.py:10);"
+        "execute (sqlalchemy/engine/base.py:1) 3\n"
+        "thread (0x1): delayq-applier-0;apply (delayq/actions/apply.py:10);"
+        "send (redis/connection.py:5) 1\n"
+        "thread (0x2): delayq-claimer;run (delayq/listener.py:4);wait (threading.py:9) 4\n"
+        "not a sample line\n"
+    )
+    summary = summarize(raw)
+    assert summary["samples"] == 8
+    assert summary["threads_pct"] == {"delayq-applier-0": 50.0, "delayq-claimer": 50.0}
+    assert summary["where_pct"] == {"stdlib": 50.0, "sqlalchemy": 37.5, "redis": 12.5}
+    assert summary["callers_pct"]["apply -> sqlalchemy"] == 37.5
+    assert summary["callers_pct"]["run -> stdlib"] == 50.0
+    (raw.parent / "empty.raw").write_text("")
+    with pytest.raises(InvalidInput, match="no samples"):
+        summarize(raw.parent / "empty.raw")

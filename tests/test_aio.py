@@ -287,7 +287,9 @@ def test_a_thousand_schedules_against_a_stalled_redis_never_block_the_loop(
     redis_factory: RedisFactory,
 ) -> None:
     """Redis stops answering (DEBUG SLEEP) three times while 1,000 schedules run on 20
-    tasks: they wait, the loop does not (a 5 ms heartbeat never waits 50 ms)."""
+    tasks: they wait, the loop does not. A loop blocked on the stalled socket would keep a
+    5 ms heartbeat waiting the whole 300 ms stall; a free one never keeps it 100 ms (CI once
+    saw a 60 ms hiccup on a busy 2-core machine, so 50 ms was too tight to mean blocking)."""
     server = redis_factory(extra={"enable-debug-command": "local"})
     admin = server.client()
     stalls = threading.Thread(
@@ -318,7 +320,7 @@ def test_a_thousand_schedules_against_a_stalled_redis_never_block_the_loop(
     assert index_size(server.client()) == 1000
     assert elapsed_s >= 0.6, "the schedules should have waited for Redis"
     assert ticks > elapsed_s / 0.05
-    assert max_gap_s < 0.05, f"the loop was blocked for {max_gap_s * 1000:.0f} ms"
+    assert max_gap_s < 0.1, f"the loop was blocked for {max_gap_s * 1000:.0f} ms"
 
 
 # -- failures: delayq exceptions, redis-py's as their cause ------------------------------

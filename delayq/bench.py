@@ -430,8 +430,17 @@ def _cpu_s(pid: int) -> float:
 def listener_process(
     settings: Settings, log_path: Path, extra_env: dict[str, str]
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`delayq listen` with `settings` and `extra_env` (the action's settings) alone."""
+    """`delayq listen` with `settings` and `extra_env` (the action's settings) alone.
+
+    With DELAYQ_BENCH_LISTENER_FROM=DIR the listener runs the delayq package of the source
+    tree DIR (an older checkout, say), so one bench measures two listeners alike
+    (`scripts/bench-targets.sh` does, for the CPU before and after)."""
+    source = os.environ.get("DELAYQ_BENCH_LISTENER_FROM")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELAYQ_")}
+    if source:
+        if not (Path(source) / "delayq" / "__init__.py").is_file():
+            raise InvalidInput(f"DELAYQ_BENCH_LISTENER_FROM={source}: no delayq package there")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (source, env.get("PYTHONPATH"))))
     env.update(
         DELAYQ_REDIS_URL=settings.redis_url or "",
         DELAYQ_DATABASE_URL=settings.effective_database_url,
@@ -443,6 +452,7 @@ def listener_process(
         proc = subprocess.Popen(
             [sys.executable, "-m", "delayq.cli", "listen", "--log-level", "warning"],
             env=env,
+            cwd=source or None,  # `-m` puts the working directory first on sys.path
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

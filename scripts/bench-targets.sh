@@ -52,20 +52,19 @@ if want schedule; then
   $PY benchmarks/schedule_rate.py --timers 1000000 --json-file "$out/schedule-rate.json"
 fi
 if want cpu; then
-  # Listener CPU per 1,000 timers/s, before (the whole tree as of BEFORE: the commit that
-  # added --profile, before the listener's changes) and after, each sampled with py-spy
-  # for the measured window. (BEFORE's bench schedules the 30,000 measured timers at once
-  # rather than at their pace: ~0.5 s of a 33 s window.)
-  BEFORE=${BEFORE:-06daa85}
+  # Listener CPU per 1,000 timers/s, before (the listener as of BEFORE, the last commit
+  # before issue 13's changes) and after, on the same bench, each sampled with py-spy for
+  # the measured window. DELAYQ_BENCH_LISTENER_FROM runs the listener from BEFORE's tree.
+  BEFORE=${BEFORE:-3797b73}
   wt=$(mktemp -d /tmp/delayq-before-XXXXXX)
   trap 'git worktree remove --force "$wt" >/dev/null 2>&1 || true' EXIT
   git worktree add --detach "$wt" "$BEFORE" >/dev/null
   for when in before after; do
-    dir=$([ "$when" = before ] && echo "$wt" || pwd)
-    echo "== cpu-$when: delayq bench in $dir"
-    (cd "$dir" && "$OLDPWD/.venv/bin/python" -m delayq.cli bench --pending 1000000 --rate 1000 \
-      --duration 30 --database-url "$MARIADB" --json-file "$OLDPWD/$out/cpu-1k-$when.json" \
-      --profile "/tmp/delayq-cpu-1k-$when.raw")
+    from=$([ "$when" = before ] && echo "$wt" || echo "")
+    echo "== cpu-$when: delayq bench, listener from ${from:-this tree}"
+    DELAYQ_BENCH_LISTENER_FROM=$from .venv/bin/delayq bench --pending 1000000 --rate 1000 \
+      --duration 30 --database-url "$MARIADB" --json-file "$out/cpu-1k-$when.json" \
+      --profile "$out/cpu-1k-$when.raw"
   done
 fi
 echo "done: $(uptime)"

@@ -188,3 +188,10 @@ def test_profile_summary_counts_samples_by_thread_library_and_the_delayq_caller(
     (raw.parent / "empty.raw").write_text("")
     with pytest.raises(InvalidInput, match="no samples"):
         summarize(raw.parent / "empty.raw")
+
+
+def test_bench_refuses_a_listener_source_tree_without_delayq_in_one_line(tmp_path: Path) -> None:
+    env = clean_env(HOME=str(tmp_path / "home"), BENCH_LISTENER_FROM=str(tmp_path))
+    done = run_cli("bench", "--pending", "0", "--burst", "10", env=env, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "no delayq package there" in done.stderr and "Traceback" not in done.stderr

@@ -65,6 +65,7 @@ if want cpu; then
     DELAYQ_BENCH_LISTENER_FROM=$from .venv/bin/delayq bench --pending 1000000 --rate 1000 \
       --duration 30 --database-url "$MARIADB" --json-file "$out/cpu-1k-$when.json" \
       --profile "$out/cpu-1k-$when.raw"
+    gzip -f "$out/cpu-1k-$when.raw"  # py-spy's stacks, for a flame graph (speedscope)
   done
 fi
 echo "done: $(uptime)"

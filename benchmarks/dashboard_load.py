@@ -29,7 +29,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +88,7 @@ def load(client: redis.Redis, keys: Keys, pending: int) -> float:
     started = time.perf_counter()
     for start in range(0, pending, LOAD_CHUNK):
         n = min(LOAD_CHUNK, pending - start)
-        producer.schedule_many(
-            [
-                (f"FAR{j:026d}", timedelta(days=1, milliseconds=100 * j))
-                for j in range(start, start + n)
-            ]
-        )
+        producer.schedule_many(bench.far_timers(start, n))
     took = time.perf_counter() - started
     store = TimerStore(client, keys)
     sec, usec = client.time()
@@ -251,7 +245,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, help="reads part: grow the index to this first")
     parser.add_argument("--json-file", type=Path)
     args = parser.parse_args()
-    report: dict[str, Any] = {"machine": bench._machine()}
+    report: dict[str, Any] = {"machine": bench.machine_info()}
     if args.part in ("reads", "all"):
         report["reads"] = reads_part(args.pending, args.repeat, args.shards)
         print(json.dumps(report["reads"], indent=2), flush=True)

@@ -56,12 +56,7 @@ def load(client: redis.Redis, keys: Keys, pending: int) -> float:
     started = time.perf_counter()
     for start in range(0, pending, LOAD_CHUNK):
         n = min(LOAD_CHUNK, pending - start)
-        producer.schedule_many(
-            [
-                (f"FAR{j:026d}", timedelta(days=1, milliseconds=100 * j))
-                for j in range(start, start + n)
-            ]
-        )
+        producer.schedule_many(bench.far_timers(start, n))
         if start and start % 1_000_000 == 0:
             print(f"  {start:,} loaded", flush=True)
     return time.perf_counter() - started
@@ -161,7 +156,7 @@ def main() -> None:
     parser.add_argument("--json-file", type=Path)
     args = parser.parse_args()
     report = {
-        "machine": bench._machine(),
+        "machine": bench.machine_info(),
         **measure(args.pending, fixed=args.fixed_cost, shards=args.shards),
     }
     print(json.dumps(report, indent=2), flush=True)

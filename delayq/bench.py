@@ -326,11 +326,7 @@ class Run:
         return per_timer
 
     def _preload(self, start: int, n: int) -> None:
-        # Far future: a day ahead and later, spread one per 100 ms like real traffic.
-        items = [
-            (f"FAR{j:026d}", timedelta(days=1, milliseconds=100 * j), self.action)
-            for j in range(start, start + n)
-        ]
+        items = far_timers(start, n, self.action)
         if self.mode != "naive":
             Producer(self.client, self.keys).schedule_many(items)
         else:
@@ -605,7 +601,7 @@ def run_bench(
         for mode in modes:
             results.append(run_once(cfg, mode, progress, Path(tmp)))
     report: dict[str, Any] = {
-        "machine": _machine(),
+        "machine": machine_info(),
         "config": asdict(cfg)
         | {
             "database_url": mask_url(cfg.database_url or "sqlite (temporary)"),
@@ -701,7 +697,17 @@ def plot(results: list[RunResult], path: Path, *, burst: bool) -> None:
     plt.close(fig)
 
 
-def _machine() -> dict[str, Any]:
+def far_timers(start: int, n: int, action: str = "cancel") -> list[tuple[str, timedelta, str]]:
+    """Timers `start` to `start + n` of the pending load: far future (a day ahead and
+    later), spread one per 100 ms like real traffic, 29-character order ids."""
+    return [
+        (f"FAR{j:026d}", timedelta(days=1, milliseconds=100 * j), action)
+        for j in range(start, start + n)
+    ]
+
+
+def machine_info() -> dict[str, Any]:
+    """The CPU, its count, Python and the platform, as every benchmark report names them."""
     import platform
 
     cpu = ""

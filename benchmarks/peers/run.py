@@ -39,7 +39,7 @@ from benchmarks.peers.report import (
     parse_workloads,
     render_markdown,
 )
-from delayq.bench import LEAD_S
+from delayq.bench import LEAD_S, machine_info
 
 ROOT = envs.HERE.parents[1]
 DELAYQ_CONFIGURATION = (
@@ -90,15 +90,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _machine() -> dict[str, Any]:
-    cpu = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    info = machine_info()
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
+        "cpu": info["cpu"],
+        "cores": info["cpus"],
+        "platform": info["platform"],
         "load_average_at_start": round(os.getloadavg()[0], 2),
     }
 

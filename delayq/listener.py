@@ -899,8 +899,6 @@ class Listener:
                 self.metrics.allow(outcomes=[o.outcome])
             applied = o.outcome == APPLIED
             self.metrics.observe_firing(o.action, o.outcome, o.lateness_ms if applied else None)
-        summary = ", ".join(f"{a} {o} {n}" for (a, o), n in sorted(counts.items()))
-        lateness = f"; lateness max {max(late):.1f} ms" if late else ""
         level = logging.INFO
         if any(o.outcome in ("unknown_action", "malformed_key") for o in outcomes):
             level = logging.WARNING
@@ -919,6 +917,10 @@ class Listener:
                 "DELAYQ_FLAG_ACTIONS (e.g. DELAYQ_FLAG_ACTIONS=1=cancel)",
                 ", ".join(unmapped),
             )
+        if not log.isEnabledFor(level):
+            return  # at 1,000 batches a second, building an unused line is CPU spent
+        summary = ", ".join(f"{a} {o} {n}" for (a, o), n in sorted(counts.items()))
+        lateness = f"; lateness max {max(late):.1f} ms" if late else ""
         by_outcome: Counter[str] = Counter()
         by_action: Counter[str] = Counter()
         for (action, outcome), n in counts.items():

@@ -59,7 +59,7 @@ from delayq.actions.apply import Item, firing_of
 from delayq.actions.external import ExternalRunner
 from delayq.actions.registry import global_policy
 from delayq.db import is_transient
-from delayq.due_queue import PREPARE_S, DueQueue, ready_at
+from delayq.due_queue import PREPARE_S, DueQueue, fine_timer_slack, ready_at
 from delayq.errors import DelayqError
 from delayq.figures import CachedFigures
 from delayq.keys import Keys
@@ -273,6 +273,8 @@ class Listener:
         # while another (parsing keyspace events, sweeping) holds it: 5 ms by default,
         # which was most of a timer's lateness at 1,000 timers a second.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        # Before the threads start, which inherit it: sleeps to a due time wake on time.
+        fine_timer_slack()
         feeders = [
             threading.Thread(target=self._guarded(loop), name=f"delayq-{name}", daemon=True)
             for name, loop in (

@@ -6,6 +6,7 @@ checked on a real redis-server, with the listener's own threads."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from delayq.context import Delayq
-from delayq.due_queue import DueQueue, ready_at, sleep_until
+from delayq.due_queue import (
+    TIMER_SLACK_NS,
+    DueQueue,
+    fine_timer_slack,
+    ready_at,
+    sleep_until,
+    timer_slack_ns,
+)
 from delayq.settings import Settings
 from tests.harness import create_orders, outcome_rows
 from tests.servers import SERVER_KINDS, RedisServer, wait_for
@@ -128,6 +136,25 @@ def test_sleep_until_returns_at_the_instant_never_before() -> None:
         target = time.monotonic() + wait_s
         sleep_until(target)
         assert time.monotonic() >= target
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl timer slack is Linux's")
+def test_fine_timer_slack_holds_for_the_threads_the_listener_starts_after_it() -> None:
+    """The listener asks for a 1 µs timer slack before it starts its threads: each of
+    them (appliers sleeping to a due time) wakes within it, not Linux's default 50 µs."""
+    seen: dict[str, int | None] = {}
+
+    def listener_main() -> None:
+        assert fine_timer_slack()
+        child = threading.Thread(target=lambda: seen.update(child=timer_slack_ns()))
+        child.start()
+        child.join()
+        seen["after"] = timer_slack_ns()
+
+    main = threading.Thread(target=listener_main)  # not pytest's own thread
+    main.start()
+    main.join()
+    assert seen["after"] == seen["child"] == TIMER_SLACK_NS
 
 
 def test_an_applier_waiting_for_a_held_firing_is_woken_by_one_due_sooner() -> None:

@@ -145,7 +145,8 @@ class RunResult:
     #: With --profile: where the listener's CPU went (delayq.bench_profile.summarize).
     profile: dict[str, Any] = field(default_factory=dict)
     #: What the listener logged (it runs at --log-level warning): how many lines, and
-    #: the first few. A clean run logs nothing.
+    #: the first few. A clean run logs one: that the bench's scratch Redis keeps nothing
+    #: on disk.
     listener_log_lines: int = 0
     listener_log_head: list[str] = field(default_factory=list)
     samples: list[tuple[float, float]] = field(default_factory=list, repr=False)

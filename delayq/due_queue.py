@@ -54,27 +54,26 @@ def ready_at(due_ms: int, redis_now_ms: float, claimed_mono: float, wall_now: fl
     return max(by_redis, by_wall) + MARGIN_S
 
 
+def _prctl(option: int, arg: int) -> int | None:
+    """prctl(2)'s result, or None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return int(ctypes.CDLL(None).prctl(option, arg, 0, 0, 0))
+    except (OSError, AttributeError):
+        return None
+
+
 def fine_timer_slack() -> bool:
     """Ask Linux to wake this thread's sleeps within TIMER_SLACK_NS of their time (threads
     started afterwards inherit it). False where there is no prctl (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(_PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
+    return _prctl(_PR_SET_TIMERSLACK, TIMER_SLACK_NS) == 0
 
 
 def timer_slack_ns() -> int | None:
     """This thread's timer slack in ns (None where it cannot be read)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        slack = ctypes.CDLL(None).prctl(_PR_GET_TIMERSLACK, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        return None
-    return int(slack) if slack >= 0 else None
+    slack = _prctl(_PR_GET_TIMERSLACK, 0)
+    return slack if slack is not None and slack >= 0 else None
 
 
 def sleep_until(ready: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -141,7 +140,7 @@ class DueQueue(Generic[T]):
 
     def drain(self) -> list[T]:
         """Everything queued, ready or not, in ready order."""
-        with self._cond:
-            items = [entry[2] for entry in sorted(self._heap)]
+        with self._cond:  # a Condition's lock is re-entrant: items() takes it too
+            items = self.items()
             self._heap.clear()
             return items

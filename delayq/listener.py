@@ -889,8 +889,6 @@ class Listener:
                 )
 
     def _log_batch(self, outcomes: Sequence[Outcome], took_s: float) -> None:
-        counts = Counter((o.action, o.outcome) for o in outcomes)
-        late = [o.lateness_ms for o in outcomes if o.outcome == APPLIED]
         for o in outcomes:
             # Outcomes a handler names: counted under their own label, up to a bound.
             if (
@@ -921,6 +919,8 @@ class Listener:
             )
         if not log.isEnabledFor(level):
             return  # at 1,000 batches a second, building an unused line is CPU spent
+        counts = Counter((o.action, o.outcome) for o in outcomes)
+        late = [o.lateness_ms for o in outcomes if o.outcome == APPLIED]
         summary = ", ".join(f"{a} {o} {n}" for (a, o), n in sorted(counts.items()))
         lateness = f"; lateness max {max(late):.1f} ms" if late else ""
         by_outcome: Counter[str] = Counter()
